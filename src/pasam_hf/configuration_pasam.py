@@ -1,0 +1,134 @@
+"""PA-SAM configuration: SAM's configuration plus the prompt adapter's settings."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.sam.configuration_sam import (
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+)
+
+CONSISTENCY_MODULES = ("guided_gate", "cross_attention")
+EDGE_MODES = ("official", "rgb")
+
+# Written into every saved config so `trust_remote_code=True` works where pasam_hf is not installed:
+# save_pretrained copies these modules next to the weights.
+_AUTO_MAP = {
+    "AutoConfig": "configuration_pasam.PASamConfig",
+    "AutoModel": "modeling_pasam.PASamModel",
+    "AutoModelForMaskGeneration": "modeling_pasam.PASamModel",
+}
+
+
+@strict
+class PASamMaskDecoderConfig(SamMaskDecoderConfig):
+    r"""
+    SAM's mask decoder configuration plus the prompt adapter of PA-SAM.
+
+    adapter_layer_index (`int`, *optional*, defaults to 1):
+        Index of the two-way attention block that holds the prompt adapter. The release puts it in the second
+        block (index 1); released weights need that value.
+    num_mined_points (`int`, *optional*, defaults to 4):
+        Number of hard points mined per sign (positive and negative) from the uncertainty-weighted score map.
+    consistency_module (`str`, *optional*, defaults to `"guided_gate"`):
+        How the guiding embedding meets the image embedding: `"guided_gate"` (elementwise product, as released)
+        or `"cross_attention"` (the paper's ablation: the image tokens attend to the guiding embedding).
+    edge_mode (`str`, *optional*, defaults to `"official"`):
+        How the edge channel of the adapter input is made. `"official"` reproduces the release (Canny on the
+        normalised image cast to uint8 with wrap-around) and is required for released weights; `"rgb"` runs
+        Canny on the real RGB image and is the sensible choice for new training.
+    canny_low_threshold / canny_high_threshold (`float`, *optional*, defaults to 10 / 100):
+        Canny hysteresis thresholds of the edge channel.
+    point_mining_in_training (`bool`, *optional*, defaults to `True`):
+        Whether hard point mining runs in training mode. The release turns it on after a warm-up of 5 epochs;
+        the trainer flips this switch. Point mining always runs in eval mode.
+    gumbel_tau (`float`, *optional*, defaults to 1.0):
+        Temperature of the Gumbel top-k relaxation used in training.
+    """
+
+    model_type = "pa_sam_mask_decoder"
+
+    adapter_layer_index: int = 1
+    num_mined_points: int = 4
+    consistency_module: str = "guided_gate"
+    edge_mode: str = "official"
+    canny_low_threshold: float = 10.0
+    canny_high_threshold: float = 100.0
+    point_mining_in_training: bool = True
+    gumbel_tau: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.consistency_module not in CONSISTENCY_MODULES:
+            raise ValueError(
+                f"consistency_module={self.consistency_module!r} is not supported; use one of {CONSISTENCY_MODULES}."
+            )
+        if self.edge_mode not in EDGE_MODES:
+            raise ValueError(f"edge_mode={self.edge_mode!r} is not supported; use one of {EDGE_MODES}.")
+        if not 0 <= self.adapter_layer_index < self.num_hidden_layers:
+            raise ValueError(
+                f"adapter_layer_index={self.adapter_layer_index} is outside the decoder's "
+                f"{self.num_hidden_layers} two-way blocks; use a value in [0, {self.num_hidden_layers - 1}]."
+            )
+        if self.num_mined_points < 0:
+            raise ValueError(f"num_mined_points must be >= 0, got {self.num_mined_points}.")
+
+
+@strict
+class PASamConfig(SamConfig):
+    r"""
+    Configuration of [`PASamModel`]: a [`SamConfig`] whose mask decoder config is a [`PASamMaskDecoderConfig`].
+
+    multimask_output (`bool`, *optional*, defaults to `False`):
+        Default of `PASamModel.forward(multimask_output=...)`. PA-SAM refines only the first mask token, so the
+        single-mask output is the one the adapter improves; the three multimask outputs are SAM's.
+
+    Example:
+
+    ```python
+    >>> from pasam_hf import PASamConfig, PASamModel
+    >>> config = PASamConfig()  # ViT-H sized, like facebook/sam-vit-huge
+    >>> model = PASamModel(config)
+    ```
+    """
+
+    model_type = "pa_sam"
+    sub_configs_defaults = {
+        "prompt_encoder_config": SamPromptEncoderConfig,
+        "mask_decoder_config": PASamMaskDecoderConfig,
+        "vision_config": SamVisionConfig,
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    prompt_encoder_config: dict | PreTrainedConfig | None = None
+    mask_decoder_config: dict | PreTrainedConfig | None = None
+    multimask_output: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if isinstance(self.mask_decoder_config, SamMaskDecoderConfig) and not isinstance(
+            self.mask_decoder_config, PASamMaskDecoderConfig
+        ):
+            self.mask_decoder_config = PASamMaskDecoderConfig(**self.mask_decoder_config.to_dict())
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(_AUTO_MAP)
+
+    @classmethod
+    def from_sam_config(cls, sam_config: SamConfig, **adapter_kwargs) -> "PASamConfig":
+        """Build a PA-SAM config with the same trunk as `sam_config`; `adapter_kwargs` go to the decoder config."""
+        decoder = sam_config.mask_decoder_config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures"):
+            decoder.pop(key, None)
+        decoder.update(adapter_kwargs)
+        return cls(
+            vision_config=sam_config.vision_config.to_dict(),
+            prompt_encoder_config=sam_config.prompt_encoder_config.to_dict(),
+            mask_decoder_config=decoder,
+            initializer_range=sam_config.initializer_range,
+        )
+
+
+__all__ = ["PASamConfig", "PASamMaskDecoderConfig"]

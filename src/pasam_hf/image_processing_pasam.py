@@ -1,0 +1,180 @@
+"""Image processors for PA-SAM: SAM's preprocessing plus the 4-channel adapter input (image + Canny edges).
+
+The adapter input is always derived from SAM's `pixel_values` (normalised, padded to the model's square input),
+so the processor and the model's fallback (`PASamModel.forward` without `adapter_pixel_values`) share one code
+path and give identical tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.models.sam.image_processing_pil_sam import SamImageProcessorKwargs, SamImageProcessorPil
+from transformers.utils import is_torchvision_available
+
+EDGE_MODES = ("official", "rgb")
+
+
+def wrap_to_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Cast floats to uint8 the way x86 numpy's unchecked cast does: truncate toward zero, then wrap modulo 256.
+
+    The released PA-SAM weights were trained on edge maps made with that cast (-1.3 -> 255, 2.4 -> 2). ARM numpy
+    saturates instead, so the wrap is written out here rather than left to `astype(np.uint8)`.
+    """
+    return torch.remainder(torch.trunc(values.float()).to(torch.int64), 256).to(torch.uint8)
+
+
+def canny_edge_map(
+    channels: torch.Tensor,
+    edge_mode: str = "official",
+    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    low_threshold: float = 10.0,
+    high_threshold: float = 100.0,
+) -> torch.Tensor:
+    """Canny edge map of normalised image channels, scaled to [0, 1].
+
+    Args:
+        channels (`torch.Tensor` of shape `(batch_size, 3, height, width)`):
+            Normalised image channels (SAM preprocessing), already at the adapter resolution.
+        edge_mode (`str`):
+            `"official"`: Canny on the normalised channels cast with `wrap_to_uint8` (the release's behaviour).
+            `"rgb"`: Canny on the de-normalised RGB image rounded to uint8.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, 1, height, width)`, float32 on the input's device, values in {0, 1}.
+    """
+    if edge_mode not in EDGE_MODES:
+        raise ValueError(f"edge_mode={edge_mode!r} is not supported; use one of {EDGE_MODES}.")
+    channels = channels.detach().float()
+    if edge_mode == "official":
+        as_uint8 = wrap_to_uint8(channels)
+    else:
+        mean = torch.tensor(image_mean, dtype=torch.float32, device=channels.device).view(1, -1, 1, 1)
+        std = torch.tensor(image_std, dtype=torch.float32, device=channels.device).view(1, -1, 1, 1)
+        as_uint8 = ((channels * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    images = as_uint8.permute(0, 2, 3, 1).cpu().numpy()
+    edges = np.stack([cv2.Canny(np.ascontiguousarray(image), low_threshold, high_threshold) for image in images])
+    return torch.from_numpy(edges).to(device=channels.device, dtype=torch.float32).unsqueeze(1) / 255.0
+
+
+def compute_adapter_pixel_values(
+    pixel_values: torch.Tensor,
+    adapter_size: int = 256,
+    edge_mode: str = "official",
+    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    low_threshold: float = 10.0,
+    high_threshold: float = 100.0,
+) -> torch.Tensor:
+    """The guiding branch's input: SAM's pixel values at `adapter_size` plus their Canny edge map.
+
+    Args:
+        pixel_values (`torch.Tensor` of shape `(batch_size, 3, 1024, 1024)`):
+            SAM pixel values (normalised with the SAM mean/std and zero-padded).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, 4, adapter_size, adapter_size)` in the dtype of `pixel_values`.
+    """
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(
+            f"pixel_values must have shape (batch_size, 3, height, width), got {tuple(pixel_values.shape)}."
+        )
+    # Bilinear, align_corners=False, no antialias: the release's torch.nn.functional.interpolate call.
+    small = F.interpolate(pixel_values.float(), size=(adapter_size, adapter_size), mode="bilinear", align_corners=False)
+    edges = canny_edge_map(small, edge_mode, image_mean, image_std, low_threshold, high_threshold)
+    return torch.cat([small, edges], dim=1).to(pixel_values.dtype)
+
+
+class PASamImageProcessorKwargs(SamImageProcessorKwargs, total=False):
+    r"""
+    edge_mode (`str`, *optional*, defaults to `"official"`):
+        Edge channel of the adapter input: `"official"` (release behaviour, needed for released weights) or `"rgb"`.
+    adapter_size (`int`, *optional*, defaults to 256):
+        Side of the adapter input (4 x the image embedding side).
+    canny_low_threshold / canny_high_threshold (`float`, *optional*, defaults to 10 / 100):
+        Canny hysteresis thresholds.
+    """
+
+    edge_mode: str
+    adapter_size: int
+    canny_low_threshold: float
+    canny_high_threshold: float
+
+
+_ADAPTER_KWARGS = ("edge_mode", "adapter_size", "canny_low_threshold", "canny_high_threshold")
+
+
+class _AdapterInputMixin:
+    """Adds `adapter_pixel_values` to the outputs of a SAM image processor backend."""
+
+    edge_mode = "official"
+    adapter_size = 256
+    canny_low_threshold = 10.0
+    canny_high_threshold = 100.0
+    model_input_names = ["pixel_values", "adapter_pixel_values"]
+
+    def _add_adapter_pixel_values(self, encoding: BatchFeature, kwargs: dict) -> BatchFeature:
+        pixel_values = encoding["pixel_values"]
+        as_list = isinstance(pixel_values, (list, tuple))
+        stacked = torch.stack([torch.as_tensor(np.asarray(p) if not torch.is_tensor(p) else p) for p in pixel_values]) if as_list else torch.as_tensor(pixel_values)
+        adapter = compute_adapter_pixel_values(
+            stacked,
+            adapter_size=kwargs.get("adapter_size") or self.adapter_size,
+            edge_mode=kwargs.get("edge_mode") or self.edge_mode,
+            image_mean=kwargs.get("image_mean") or self.image_mean,
+            image_std=kwargs.get("image_std") or self.image_std,
+            low_threshold=kwargs.get("canny_low_threshold") or self.canny_low_threshold,
+            high_threshold=kwargs.get("canny_high_threshold") or self.canny_high_threshold,
+        )
+        if as_list:
+            first = pixel_values[0]
+            encoding["adapter_pixel_values"] = [a if torch.is_tensor(first) else a.numpy() for a in adapter]
+        elif isinstance(pixel_values, np.ndarray):
+            encoding["adapter_pixel_values"] = adapter.numpy()
+        else:
+            encoding["adapter_pixel_values"] = adapter
+        return encoding
+
+    def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        adapter_kwargs = {key: kwargs.pop(key, None) for key in _ADAPTER_KWARGS}
+        encoding = super()._preprocess_image_like_inputs(images, segmentation_maps, **kwargs)
+        adapter_kwargs.update(image_mean=kwargs.get("image_mean"), image_std=kwargs.get("image_std"))
+        return self._add_adapter_pixel_values(encoding, adapter_kwargs)
+
+
+class PASamImageProcessorPil(_AdapterInputMixin, SamImageProcessorPil):
+    """PIL/NumPy backend: [`SamImageProcessorPil`] plus `adapter_pixel_values` of shape `(batch, 4, 256, 256)`."""
+
+    valid_kwargs = PASamImageProcessorKwargs
+
+
+if is_torchvision_available():
+    from transformers.models.sam.image_processing_sam import SamImageProcessor
+
+    class PASamImageProcessor(_AdapterInputMixin, SamImageProcessor):
+        """Torchvision backend: [`SamImageProcessor`] plus `adapter_pixel_values` of shape `(batch, 4, 256, 256)`.
+
+        Everything else (resizing to the longest edge, padding, `post_process_masks`, the automatic mask
+        generation helpers) is SAM's.
+        """
+
+        valid_kwargs = PASamImageProcessorKwargs
+
+else:  # pragma: no cover - exercised only where torchvision is missing
+    PASamImageProcessor = PASamImageProcessorPil
+
+
+__all__ = [
+    "PASamImageProcessor",
+    "PASamImageProcessorPil",
+    "canny_edge_map",
+    "compute_adapter_pixel_values",
+    "wrap_to_uint8",
+]

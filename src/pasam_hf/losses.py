@@ -1,0 +1,118 @@
+"""PA-SAM training losses (reference section 6), all weight 1, computed at the labels' resolution.
+
+- BCE + Dice on the final mask;
+- BCE + Dice on the coarse mask where the (detached) uncertainty map is < 0.5 and on the refined mask where it
+  is >= 0.5;
+- BCE between the uncertainty map and a boundary band target (inner boundary of the foreground plus inner
+  boundary of the background, band width round(0.005 x diagonal) >= 1).
+
+Label pixels other than 0 and 1 (e.g. a void value 255) are ignored everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .boundary import mask_to_boundary
+
+UNCERTAINTY_BAND_RATIO = 0.005
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """`(N, h, w)` -> `(N, H, W)`, bilinear."""
+    return F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=align_corners).squeeze(1)
+
+
+def sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-mask BCE-with-logits averaged over the pixels where `weights` is 1. Shapes `(N, H, W)` -> `(N,)`."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (loss * weights).sum((-2, -1)) / weights.sum((-2, -1)).clamp_min(1e-8)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-mask soft Dice loss `1 - (2|P.T| + 1) / (|P| + |T| + 1)` over the pixels where `weights` is 1."""
+    probs = logits.sigmoid() * weights
+    targets = targets * weights
+    numerator = 2 * (probs * targets).sum((-2, -1))
+    denominator = probs.sum((-2, -1)) + targets.sum((-2, -1))
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def uncertainty_target(foreground: torch.Tensor, band_ratio: float = UNCERTAINTY_BAND_RATIO) -> torch.Tensor:
+    """Boundary band target of the uncertainty map: inner boundary of the foreground (image border counted as
+    background) plus inner boundary of the background (image border counted as background too, so the frame is
+    not a boundary of the background). `(N, H, W)` bool -> `(N, H, W)` float in {0, 1}."""
+    band = mask_to_boundary(foreground, band_ratio, border_value=0.0) | mask_to_boundary(
+        ~foreground, band_ratio, border_value=1.0
+    )
+    return band.float()
+
+
+def pasam_loss_components(
+    pred_masks: torch.Tensor,
+    coarse_masks: torch.Tensor,
+    refined_masks: torch.Tensor,
+    uncertainty_maps: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    r"""The PA-SAM loss terms, each averaged over masks.
+
+    Args:
+        pred_masks (`torch.Tensor` of shape `(B, P, 1, 256, 256)`): final mask logits (single-mask output).
+        coarse_masks, refined_masks (`torch.Tensor` of shape `(B, P, 1, 64, 64)`): adapter logits.
+        uncertainty_maps (`torch.Tensor` of shape `(B, P, 1, 64, 64)`): uncertainty in [0, 1].
+        labels (`torch.Tensor` of shape `(B, P, H, W)`): 1 foreground, 0 background, anything else ignored.
+
+    Returns:
+        `dict` with `mask_bce`, `mask_dice`, `adapter_bce`, `adapter_dice`, `uncertainty_bce` (scalars).
+    """
+    if pred_masks.ndim != 5 or pred_masks.shape[2] != 1:
+        raise ValueError(
+            "The PA-SAM loss takes the single refined mask (multimask_output=False); got pred_masks of shape "
+            f"{tuple(pred_masks.shape)}."
+        )
+    if labels.ndim != 4 or labels.shape[:2] != pred_masks.shape[:2]:
+        raise ValueError(
+            f"labels must have shape (batch_size, point_batch_size, height, width) = {tuple(pred_masks.shape[:2])} + "
+            f"(H, W), one mask per prompt; got {tuple(labels.shape)}."
+        )
+    size = tuple(labels.shape[-2:])
+    labels = labels.reshape(-1, *size)
+    valid = ((labels == 0) | (labels == 1)).float()
+    targets = (labels == 1).float()
+
+    final = _upsample(pred_masks.reshape(-1, *pred_masks.shape[-2:]), size)
+    coarse = _upsample(coarse_masks.reshape(-1, *coarse_masks.shape[-2:]), size)
+    refined = _upsample(refined_masks.reshape(-1, *refined_masks.shape[-2:]), size)
+    uncertainty = uncertainty_maps.reshape(-1, *uncertainty_maps.shape[-2:])
+    selected_refined = (_upsample(uncertainty.detach(), size) >= 0.5).float()
+    use_refined = selected_refined * valid
+    use_coarse = (1 - selected_refined) * valid
+
+    band = uncertainty_target(labels == 1)
+    uncertainty_up = _upsample(uncertainty, size, align_corners=True).clamp(0.0, 1.0)
+    uncertainty_bce = F.binary_cross_entropy(uncertainty_up, band, reduction="none")
+    uncertainty_bce = (uncertainty_bce * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1e-8)
+
+    return {
+        "mask_bce": sigmoid_bce(final, targets, valid).mean(),
+        "mask_dice": dice_loss(final, targets, valid).mean(),
+        "adapter_bce": (sigmoid_bce(coarse, targets, use_coarse) + sigmoid_bce(refined, targets, use_refined)).mean(),
+        "adapter_dice": (dice_loss(coarse, targets, use_coarse) + dice_loss(refined, targets, use_refined)).mean(),
+        "uncertainty_bce": uncertainty_bce.mean(),
+    }
+
+
+def pasam_loss(
+    pred_masks: torch.Tensor,
+    coarse_masks: torch.Tensor,
+    refined_masks: torch.Tensor,
+    uncertainty_maps: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Sum of [`pasam_loss_components`] (all weights 1, as released)."""
+    return sum(pasam_loss_components(pred_masks, coarse_masks, refined_masks, uncertainty_maps, labels).values())
+
+
+__all__ = ["dice_loss", "pasam_loss", "pasam_loss_components", "sigmoid_bce", "uncertainty_target"]

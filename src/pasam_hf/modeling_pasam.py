@@ -1,0 +1,787 @@
+"""PyTorch PA-SAM: SAM with a prompt adapter in the mask decoder (Xie et al., ICME 2024, arXiv 2401.13051).
+
+Only what differs from transformers' SAM is written here: the guiding branch, the prompt adapter, the two-way
+block that hosts it, the decoder forward that threads the adapter through, and the model forward that feeds it.
+SAM's parameter names are untouched, so SAM checkpoints load with only the adapter keys missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.sam.configuration_sam import SamConfig
+from transformers.models.sam.modeling_sam import (
+    SamAttention,
+    SamFeedForward,
+    SamImageSegmentationOutput,
+    SamLayerNorm,
+    SamMaskDecoder,
+    SamModel,
+    SamPositionalEmbedding,
+    SamPreTrainedModel,
+    SamPromptEncoder,
+    SamTwoWayAttentionBlock,
+    SamTwoWayTransformer,
+    SamVisionEncoder,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import TransformersKwargs, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_pasam import PASamConfig, PASamMaskDecoderConfig
+from .image_processing_pasam import compute_adapter_pixel_values
+from .losses import pasam_loss
+
+logger = logging.get_logger(__name__)
+
+# Index of the first mask token among the output tokens (index 0 is the IoU token).
+MASK_TOKEN_0 = 1
+
+
+@dataclass
+class PASamPromptAdapterOutput(ModelOutput):
+    r"""
+    Output of [`PASamPromptAdapter`]. `B` images, `P` prompts per image, `T` tokens, `N = h * w` image cells.
+
+    attention_output (`torch.Tensor` of shape `(B, P, T + 2k, C)`):
+        The adapter's token update `A`: its token-to-image attention output with the first mask token replaced by
+        the refined token, followed by the `2k` mined point tokens (content part, `k` positive then `k` negative).
+    guided_keys (`torch.Tensor` of shape `(B, P, N, C)`):
+        `Gk`, the guided image embedding, added to the block's keys.
+    query_point_embedding (`torch.Tensor` of shape `(B, P, T + 2k, C)`):
+        The query positional embedding extended with the mined points' positional part.
+    coarse_masks, refined_masks (`torch.Tensor` of shape `(B, P, 1, h, w)`):
+        Logits `C = t0 . Gk` and `R = r . Gk`.
+    uncertainty_maps (`torch.Tensor` of shape `(B, P, 1, h, w)`):
+        `U = sigmoid(u . Gk)`.
+    pa_masks (`torch.Tensor` of shape `(B, P, 1, h, w)`):
+        `where(U >= 0.5, R, C)`.
+    mined_indices (`torch.LongTensor` of shape `(B, P, 2k)`), mined_labels (`torch.LongTensor` of shape `(B, P, 2k)`):
+        Flat cell indices of the mined points and their labels (1 positive, 0 negative); `None` when mining is off.
+    """
+
+    attention_output: Tensor | None = None
+    guided_keys: Tensor | None = None
+    query_point_embedding: Tensor | None = None
+    coarse_masks: Tensor | None = None
+    refined_masks: Tensor | None = None
+    uncertainty_maps: Tensor | None = None
+    pa_masks: Tensor | None = None
+    mined_indices: Tensor | None = None
+    mined_labels: Tensor | None = None
+
+
+@dataclass
+class PASamMaskDecoderOutput(ModelOutput):
+    r"""
+    masks (`torch.Tensor` of shape `(B, P, num_masks, 4h, 4w)`): SAM's low resolution mask logits.
+    iou_scores (`torch.Tensor` of shape `(B, P, num_masks)`): predicted mask IoUs.
+    adapter_output ([`PASamPromptAdapterOutput`]): the adapter's intermediate results.
+    """
+
+    masks: Tensor | None = None
+    iou_scores: Tensor | None = None
+    adapter_output: PASamPromptAdapterOutput | None = None
+
+
+@dataclass
+class PASamImageSegmentationOutput(SamImageSegmentationOutput):
+    r"""
+    [`SamImageSegmentationOutput`] plus PA-SAM's intermediate results. `B` images, `P` prompts per image.
+
+    iou_scores (`torch.Tensor` of shape `(B, P, num_masks)`):
+        Predicted IoU of each mask.
+    pred_masks (`torch.Tensor` of shape `(B, P, num_masks, 256, 256)`):
+        Low resolution mask logits; post-process with `PASamProcessor.post_process_masks`.
+    loss (`torch.Tensor` of shape `()`, *optional*, returned when `labels` is given):
+        The PA-SAM training loss (see `pasam_hf.losses.pasam_loss`).
+    coarse_masks, refined_masks (`torch.Tensor` of shape `(B, P, 1, 64, 64)`):
+        The adapter's coarse (`C`) and refined (`R`) mask logits.
+    uncertainty_maps (`torch.Tensor` of shape `(B, P, 1, 64, 64)`):
+        The uncertainty map `U` in [0, 1].
+    pa_masks (`torch.Tensor` of shape `(B, P, 1, 64, 64)`):
+        `where(U >= 0.5, R, C)`.
+    mined_point_coords (`torch.Tensor` of shape `(B, P, 2k, 2)`, *optional*):
+        (x, y) of the mined points in the model's input frame (the 1024 x 1024 padded image), `k` positive then
+        `k` negative; `None` when point mining did not run.
+    mined_point_labels (`torch.LongTensor` of shape `(B, P, 2k)`, *optional*):
+        1 for positive, 0 for negative mined points.
+    """
+
+    loss: Tensor | None = None
+    coarse_masks: Tensor | None = None
+    refined_masks: Tensor | None = None
+    uncertainty_maps: Tensor | None = None
+    pa_masks: Tensor | None = None
+    mined_point_coords: Tensor | None = None
+    mined_point_labels: Tensor | None = None
+
+
+def gumbel_top_k(scores: Tensor, k: int, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Differentiable top-k over the last dimension (Gumbel top-k relaxation, PA-SAM eq. 4-6).
+
+    One Gumbel(0, 1) sample is added to the scores, then `k` rounds of softmax each remove the mass already taken
+    (`log(max(1 - p, tiny))`). The `k` softmaxes sum to `g`; the hard choice is top-k of `g` and its weight is the
+    straight-through `hard - g.detach() + g`, which is exactly 1 in value at the chosen cells.
+
+    Args:
+        scores (`torch.Tensor` of shape `(..., n)`): selection scores.
+
+    Returns:
+        `(indices, weights)`, both of shape `(..., k)`: the chosen cells and their straight-through weights.
+    """
+    tiny = torch.finfo(scores.dtype).tiny
+    # -log(Exponential(1)) is a Gumbel(0, 1) sample; this is how torch.nn.functional.gumbel_softmax draws it.
+    logits = scores - torch.empty_like(scores).exponential_().log()
+    soft = torch.zeros_like(scores)
+    total = torch.zeros_like(scores)
+    for _ in range(k):
+        logits = logits + torch.log(torch.clamp(1.0 - soft, min=tiny))
+        soft = torch.softmax(logits / tau, dim=-1)
+        total = total + soft
+    indices = total.topk(k, dim=-1).indices
+    chosen = total.gather(-1, indices)
+    return indices, 1.0 + (chosen - chosen.detach())
+
+
+class PASamPromptAdapter(nn.Module):
+    """The prompt adapter: dense prompt compensation, uncertainty-guided token refinement and hard point mining.
+
+    Runs inside one two-way block of the mask decoder, vectorised over images and prompts.
+    """
+
+    def __init__(self, config: PASamMaskDecoderConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.num_mined_points = config.num_mined_points
+        self.gumbel_tau = config.gumbel_tau
+        self.consistency_module = config.consistency_module
+        self.static_uncertain_token = nn.Embedding(1, hidden_size)
+        self.static_refined_token = nn.Embedding(1, hidden_size)
+        self.uncertain_mlp = SamFeedForward(2 * hidden_size, hidden_size // 4, hidden_size, 3)
+        self.refined_mlp = SamFeedForward(2 * hidden_size, hidden_size // 4, hidden_size, 3)
+        self.cross_attn_token_to_image = SamAttention(config, downsample_rate=config.attention_downsample_rate)
+        if config.consistency_module == "cross_attention":
+            self.consistency_attn = SamAttention(config, downsample_rate=config.attention_downsample_rate)
+
+    def guide(self, guiding_embedding: Tensor, keys: Tensor, key_point_embedding: Tensor) -> Tensor:
+        """Consistency module: combine the guiding embedding `G0` `(B, 1, N, C)` with the keys `(B, P, N, C)`."""
+        if self.consistency_module == "guided_gate":
+            return guiding_embedding * keys
+        # The paper's ablation: image tokens attend to the guiding embedding.
+        guiding = guiding_embedding.expand_as(keys)
+        attn_out, _ = self.consistency_attn(
+            query=keys + key_point_embedding, key=guiding + key_point_embedding, value=guiding
+        )
+        return keys + attn_out
+
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        query_point_embedding: Tensor,
+        key_point_embedding: Tensor,
+        guiding_embedding: Tensor,
+        point_label_embeddings: Tensor,
+        mine_points: bool,
+        embedding_size: tuple[int, int],
+    ) -> PASamPromptAdapterOutput:
+        r"""
+        Args:
+            queries (`torch.Tensor` of shape `(B, P, T, C)`): the block's tokens after `layer_norm1`.
+            keys (`torch.Tensor` of shape `(B, P, N, C)`): the image tokens entering the block.
+            query_point_embedding (`torch.Tensor` of shape `(B, P, T, C)`): the tokens' positional embedding.
+            key_point_embedding (`torch.Tensor` of shape `(B, P, N, C)`): the image positional embedding.
+            guiding_embedding (`torch.Tensor` of shape `(B, 1, N, C)`): `G0` from the guiding branch.
+            point_label_embeddings (`torch.Tensor` of shape `(2, C)`): the prompt encoder's negative and positive
+                point embeddings (`point_embed[0]`, `point_embed[1]`).
+            mine_points (`bool`): whether to mine hard points.
+            embedding_size (`tuple[int, int]`): `(h, w)` of the image embedding, `N = h * w`.
+        """
+        batch_size, point_batch_size = queries.shape[:2]
+        height, width = embedding_size
+        guided_keys = self.guide(guiding_embedding, keys, key_point_embedding)
+
+        attn_out, _ = self.cross_attn_token_to_image(
+            query=queries + query_point_embedding, key=guided_keys + key_point_embedding, value=guided_keys
+        )
+        first_mask_token = attn_out[:, :, MASK_TOKEN_0]
+        uncertain_token = self.uncertain_mlp(
+            torch.cat([self.static_uncertain_token.weight.expand_as(first_mask_token), first_mask_token], dim=-1)
+        )
+        refined_token = self.refined_mlp(
+            torch.cat([self.static_refined_token.weight.expand_as(first_mask_token), first_mask_token], dim=-1)
+        )
+
+        def project(token: Tensor) -> Tensor:
+            return torch.einsum("bpc,bpnc->bpn", token, guided_keys)
+
+        coarse = project(first_mask_token)
+        refined = project(refined_token)
+        uncertainty = torch.sigmoid(project(uncertain_token))
+        # The selection itself carries no gradient; each branch gets gradient only where it is selected.
+        pa_mask = torch.where(uncertainty.detach() >= 0.5, refined, coarse)
+
+        attn_out = torch.cat(
+            [attn_out[:, :, :MASK_TOKEN_0], refined_token.unsqueeze(2), attn_out[:, :, MASK_TOKEN_0 + 1 :]], dim=2
+        )
+
+        mined_indices = mined_labels = None
+        if mine_points and self.num_mined_points > 0:
+            k = self.num_mined_points
+            scores = uncertainty * (torch.sigmoid(refined) - torch.sigmoid(coarse))
+            if self.training:
+                positive, positive_weight = gumbel_top_k(scores, k, self.gumbel_tau)
+                negative, negative_weight = gumbel_top_k(-scores, k, self.gumbel_tau)
+                weights = torch.cat([positive_weight, negative_weight], dim=-1).unsqueeze(-1)
+            else:
+                positive = scores.topk(k, dim=-1).indices
+                negative = (-scores).topk(k, dim=-1).indices
+                weights = None
+            mined_indices = torch.cat([positive, negative], dim=-1)
+            gather_index = mined_indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            content = torch.gather(keys + guided_keys, 2, gather_index)
+            position = torch.gather(key_point_embedding.expand_as(keys), 2, gather_index)
+            if weights is not None:
+                content = content * weights
+                position = position * weights
+            labels = torch.cat(
+                [mined_indices.new_ones(k), mined_indices.new_zeros(k)]
+            ).expand(batch_size, point_batch_size, 2 * k)
+            position = position + point_label_embeddings[labels].to(position.dtype)
+            attn_out = torch.cat([attn_out, content], dim=2)
+            query_point_embedding = torch.cat([query_point_embedding, position], dim=2)
+            mined_labels = labels
+
+        def as_map(values: Tensor) -> Tensor:
+            return values.reshape(batch_size, point_batch_size, 1, height, width)
+
+        return PASamPromptAdapterOutput(
+            attention_output=attn_out,
+            guided_keys=guided_keys,
+            query_point_embedding=query_point_embedding,
+            coarse_masks=as_map(coarse),
+            refined_masks=as_map(refined),
+            uncertainty_maps=as_map(uncertainty),
+            pa_masks=as_map(pa_mask),
+            mined_indices=mined_indices,
+            mined_labels=mined_labels,
+        )
+
+
+class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
+    """SAM's two-way block; when given the prompt adapter, it runs it between the token-to-image attention and its
+    residual add, exactly where the release does."""
+
+    def forward(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        query_point_embedding: Tensor,
+        key_point_embedding: Tensor,
+        attention_similarity: Tensor | None,
+        prompt_adapter: PASamPromptAdapter | None = None,
+        adapter_kwargs: dict | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        if prompt_adapter is None:
+            queries, keys, attn_out = super().forward(
+                queries=queries,
+                keys=keys,
+                query_point_embedding=query_point_embedding,
+                key_point_embedding=key_point_embedding,
+                attention_similarity=attention_similarity,
+                **kwargs,
+            )
+            return queries, keys, attn_out, query_point_embedding, None
+
+        if self.skip_first_layer_pe:
+            queries, _ = self.self_attn(query=queries, key=queries, value=queries)
+        else:
+            query = queries + query_point_embedding
+            attn_out, _ = self.self_attn(query=query, key=query, value=queries)
+            queries = queries + attn_out
+        queries = self.layer_norm1(queries)
+
+        query = queries + query_point_embedding
+        key = keys + key_point_embedding
+        attn_out, _ = self.cross_attn_token_to_image(
+            query=query, key=key, value=keys, attention_similarity=attention_similarity
+        )
+
+        batch_size, point_batch_size = queries.shape[:2]
+        grid = keys.shape[-2:]
+        adapter_output = prompt_adapter(
+            queries=queries,
+            keys=keys.reshape(batch_size, point_batch_size, *grid),
+            query_point_embedding=query_point_embedding,
+            key_point_embedding=key_point_embedding.reshape(batch_size, point_batch_size, *grid),
+            **adapter_kwargs,
+        )
+        num_new_tokens = adapter_output.attention_output.shape[2] - attn_out.shape[2]
+        if num_new_tokens:
+            # The mined point tokens start from zero; their whole content comes from the adapter.
+            attn_out = F.pad(attn_out, (0, 0, 0, num_new_tokens))
+            queries = F.pad(queries, (0, 0, 0, num_new_tokens))
+        attn_out = attn_out + adapter_output.attention_output
+        keys = keys + adapter_output.guided_keys.reshape(keys.shape)
+        query_point_embedding = adapter_output.query_point_embedding
+
+        queries = self.layer_norm2(queries + attn_out)
+        queries = self.layer_norm3(queries + self.mlp(queries))
+
+        query = queries + query_point_embedding
+        key = keys + key_point_embedding
+        attn_out, _ = self.cross_attn_image_to_token(query=key, key=query, value=queries)
+        keys = self.layer_norm4(keys + attn_out)
+        return queries, keys, attn_out, query_point_embedding, adapter_output
+
+
+class PASamTwoWayTransformer(SamTwoWayTransformer):
+    """SAM's two-way transformer whose blocks can host the prompt adapter; the mined point tokens' positional
+    embedding is carried on to the later blocks and the final token-to-image attention."""
+
+    def __init__(self, config: PASamMaskDecoderConfig):
+        super().__init__(config)
+        self.adapter_layer_index = config.adapter_layer_index
+        self.layers = nn.ModuleList(
+            [PASamTwoWayAttentionBlock(config, skip_first_layer_pe=(i == 0)) for i in range(self.num_hidden_layers)]
+        )
+
+    def forward(
+        self,
+        point_embeddings: Tensor,
+        image_embeddings: Tensor,
+        image_positional_embeddings: Tensor,
+        attention_similarity: Tensor | None,
+        target_embedding: Tensor | None = None,
+        prompt_adapter: PASamPromptAdapter | None = None,
+        adapter_kwargs: dict | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[Tensor, Tensor, PASamPromptAdapterOutput | None]:
+        image_embeddings = image_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
+        image_positional_embeddings = image_positional_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        queries = point_embeddings
+        keys = image_embeddings
+        query_point_embedding = point_embeddings
+        adapter_output = None
+        for index, layer in enumerate(self.layers):
+            if target_embedding is not None:
+                queries = queries + target_embedding
+            with_adapter = prompt_adapter is not None and index == self.adapter_layer_index
+            queries, keys, _, query_point_embedding, layer_adapter_output = layer(
+                queries=queries,
+                keys=keys,
+                query_point_embedding=query_point_embedding,
+                key_point_embedding=image_positional_embeddings,
+                attention_similarity=attention_similarity,
+                prompt_adapter=prompt_adapter if with_adapter else None,
+                adapter_kwargs=adapter_kwargs if with_adapter else None,
+                **kwargs,
+            )
+            if with_adapter:
+                adapter_output = layer_adapter_output
+
+        query = queries + query_point_embedding
+        key = keys + image_positional_embeddings
+        attn_out, _ = self.final_attn_token_to_image(query=query, key=key, value=keys)
+        queries = self.layer_norm_final_attn(queries + attn_out)
+        return queries, keys, adapter_output
+
+
+class PASamMaskDecoder(SamMaskDecoder):
+    """SAM's mask decoder with PA-SAM's guiding branch (`guiding_conv`) and prompt adapter (`prompt_adapter`)."""
+
+    def __init__(self, config: PASamMaskDecoderConfig):
+        super().__init__(config)
+        self.transformer = PASamTwoWayTransformer(config)
+        hidden_size = config.hidden_size
+        # Indices 0, 1, 3, 4, 6 hold weights: the release's key names, kept so its checkpoints map one to one.
+        self.guiding_conv = nn.Sequential(
+            nn.Conv2d(4, hidden_size // 4, kernel_size=2, stride=2),
+            SamLayerNorm(hidden_size // 4, data_format="channels_first"),
+            nn.GELU(),
+            nn.Conv2d(hidden_size // 4, hidden_size, kernel_size=2, stride=2),
+            SamLayerNorm(hidden_size, data_format="channels_first"),
+            nn.GELU(),
+            nn.Conv2d(hidden_size, hidden_size, kernel_size=1),
+        )
+        self.prompt_adapter = PASamPromptAdapter(config)
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        image_positional_embeddings: Tensor,
+        sparse_prompt_embeddings: Tensor | None,
+        dense_prompt_embeddings: Tensor,
+        multimask_output: bool,
+        adapter_pixel_values: Tensor,
+        point_label_embeddings: Tensor,
+        mine_points: bool,
+        attention_similarity: Tensor | None = None,
+        target_embedding: Tensor | None = None,
+    ) -> PASamMaskDecoderOutput:
+        r"""
+        Args:
+            image_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): image encoder output.
+            image_positional_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): dense positional encoding.
+            sparse_prompt_embeddings (`torch.Tensor` of shape `(B, P, S, C)`, *optional*): points and boxes.
+            dense_prompt_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): mask prompt or no-mask embedding.
+            multimask_output (`bool`): return SAM's three multimask outputs instead of the (refined) first mask.
+            adapter_pixel_values (`torch.Tensor` of shape `(B, 4, 4h, 4w)`): guiding branch input.
+            point_label_embeddings (`torch.Tensor` of shape `(2, C)`): negative and positive point embeddings.
+            mine_points (`bool`): whether the adapter mines hard points.
+        """
+        batch_size, num_channels, height, width = image_embeddings.shape
+        point_batch_size = sparse_prompt_embeddings.shape[1] if sparse_prompt_embeddings is not None else 1
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.repeat(batch_size, point_batch_size, 1, 1)
+        if sparse_prompt_embeddings is not None:
+            tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=2)
+        else:
+            tokens = output_tokens
+        point_embeddings = tokens.to(self.iou_token.weight.dtype)
+
+        # The guiding branch runs once per image, not once per prompt.
+        guiding_embedding = self.guiding_conv(adapter_pixel_values.to(self.iou_token.weight.dtype))
+        guiding_embedding = guiding_embedding.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        image_embeddings = image_embeddings + dense_prompt_embeddings
+        image_embeddings = image_embeddings.repeat_interleave(point_batch_size, 0)
+        image_positional_embeddings = image_positional_embeddings.repeat_interleave(point_batch_size, 0)
+
+        point_embedding, image_embeddings, adapter_output = self.transformer(
+            point_embeddings=point_embeddings,
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=image_positional_embeddings,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+            prompt_adapter=self.prompt_adapter,
+            adapter_kwargs={
+                "guiding_embedding": guiding_embedding,
+                "point_label_embeddings": point_label_embeddings,
+                "mine_points": mine_points,
+                "embedding_size": (height, width),
+            },
+        )
+        iou_token_out = point_embedding[:, :, 0, :]
+        mask_tokens_out = point_embedding[:, :, 1 : (1 + self.num_mask_tokens), :]
+
+        image_embeddings = image_embeddings.transpose(2, 3).reshape(
+            batch_size * point_batch_size, num_channels, height, width
+        )
+        upscaled_embedding = self.upscale_conv1(image_embeddings)
+        upscaled_embedding = self.activation(self.upscale_layer_norm(upscaled_embedding))
+        upscaled_embedding = self.activation(self.upscale_conv2(upscaled_embedding))
+
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, :, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2
+        )
+        _, num_channels, height, width = upscaled_embedding.shape
+        upscaled_embedding = upscaled_embedding.reshape(batch_size, point_batch_size, num_channels, height * width)
+        masks = (hyper_in @ upscaled_embedding).reshape(batch_size, point_batch_size, -1, height, width)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+
+        # All three multimask outputs (the release drops one of them; see the reference's known defects).
+        mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        return PASamMaskDecoderOutput(
+            masks=masks[:, :, mask_slice], iou_scores=iou_pred[:, :, mask_slice], adapter_output=adapter_output
+        )
+
+
+class PASamModel(SamModel):
+    r"""
+    PA-SAM: Segment Anything with a prompt adapter in the mask decoder.
+
+    Same inputs as [`SamModel`] plus `adapter_pixel_values`, same image encoder and prompt encoder, and a mask
+    decoder ([`PASamMaskDecoder`]) whose prompt adapter refines the first mask token with an uncertainty map and
+    mined hard points. The default output is the single refined mask (`config.multimask_output=False`).
+
+    Example:
+
+    ```python
+    >>> from pasam_hf import PASamModel, PASamProcessor
+    >>> model = PASamModel.from_pretrained("path/to/pa-sam-vit-l")
+    >>> processor = PASamProcessor.from_pretrained("path/to/pa-sam-vit-l")
+    >>> inputs = processor(images=image, input_boxes=[[[75, 275, 1725, 850]]], return_tensors="pt")
+    >>> outputs = model(**inputs)
+    >>> masks = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+    ```
+    """
+
+    config: PASamConfig
+    config_class = PASamConfig
+
+    def __init__(self, config: PASamConfig):
+        # SamModel.__init__ would build a plain SamMaskDecoder first; build the same modules with ours instead.
+        SamPreTrainedModel.__init__(self, config)
+        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        self.vision_encoder = SamVisionEncoder(config.vision_config)
+        self.prompt_encoder = SamPromptEncoder(config)
+        # The decoder is no PreTrainedModel, so it reads the attention implementation from its config.
+        config.mask_decoder_config._attn_implementation = config._attn_implementation
+        self.mask_decoder = PASamMaskDecoder(config.mask_decoder_config)
+        self.post_init()
+
+    @property
+    def adapter_size(self) -> int:
+        """Side of `adapter_pixel_values`: 4 x the image embedding side (256 for SAM's 1024 input)."""
+        return 4 * self.config.prompt_encoder_config.image_embedding_size
+
+    def set_point_mining(self, enabled: bool) -> None:
+        """Switch hard point mining on or off for training mode (it always runs in eval mode).
+
+        The release trains 5 epochs without it; `pasam_hf.training` flips this switch after the warm-up.
+        """
+        self.config.mask_decoder_config.point_mining_in_training = bool(enabled)
+
+    def compute_adapter_pixel_values(self, pixel_values: Tensor) -> Tensor:
+        """`adapter_pixel_values` from SAM `pixel_values`, with this model's edge mode (what the processor does)."""
+        decoder_config = self.config.mask_decoder_config
+        return compute_adapter_pixel_values(
+            pixel_values,
+            adapter_size=self.adapter_size,
+            edge_mode=decoder_config.edge_mode,
+            low_threshold=decoder_config.canny_low_threshold,
+            high_threshold=decoder_config.canny_high_threshold,
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_points: Tensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        input_boxes: Tensor | None = None,
+        input_masks: torch.LongTensor | None = None,
+        image_embeddings: Tensor | None = None,
+        multimask_output: bool | None = None,
+        attention_similarity: Tensor | None = None,
+        target_embedding: Tensor | None = None,
+        adapter_pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+        mine_points: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PASamImageSegmentationOutput:
+        r"""
+        Arguments as in [`SamModel.forward`], plus:
+
+        adapter_pixel_values (`torch.Tensor` of shape `(batch_size, 4, 256, 256)`, *optional*):
+            Input of the guiding branch (SAM pixel values at 256 and their Canny edge map), as returned by
+            [`PASamProcessor`]. Computed from `pixel_values` when omitted; required with `image_embeddings`.
+        multimask_output (`bool`, *optional*, defaults to `config.multimask_output`, i.e. `False`):
+            `False` returns the first mask, the one the adapter refines; `True` returns SAM's three other masks.
+        labels (`torch.Tensor` of shape `(batch_size, point_batch_size, height, width)`, *optional*):
+            Binary ground-truth masks (1 foreground, 0 background, other values ignored) at the model input's
+            resolution or any other; when given, `loss` is returned (see [`pasam_hf.losses.pasam_loss`]).
+        mine_points (`bool`, *optional*):
+            Override hard point mining: defaults to always in eval mode and to
+            `config.mask_decoder_config.point_mining_in_training` in training mode.
+        """
+        if pixel_values is None and image_embeddings is None:
+            raise ValueError("Either pixel_values or image_embeddings must be provided.")
+        if pixel_values is not None and image_embeddings is not None:
+            raise ValueError("Only one of pixel_values and image_embeddings can be provided.")
+        if input_points is not None and input_points.ndim != 4:
+            raise ValueError(
+                "input_points must be a 4D tensor of shape (batch_size, point_batch_size, points_per_prompt, 2), "
+                f"got shape {tuple(input_points.shape)}."
+            )
+        if input_boxes is not None and input_boxes.ndim != 3:
+            raise ValueError(
+                f"input_boxes must be a 3D tensor of shape (batch_size, num_boxes, 4), got {tuple(input_boxes.shape)}."
+            )
+        if input_points is not None and input_boxes is not None and input_points.shape[1] != input_boxes.shape[1]:
+            raise ValueError(
+                "input_points and input_boxes must describe the same prompts: got "
+                f"{input_points.shape[1]} point prompts and {input_boxes.shape[1]} boxes per image."
+            )
+        batch_size = pixel_values.shape[0] if pixel_values is not None else image_embeddings.shape[0]
+        for name, prompt in (("input_points", input_points), ("input_boxes", input_boxes)):
+            if prompt is not None and prompt.shape[0] != batch_size:
+                raise ValueError(
+                    f"{name} has batch size {prompt.shape[0]} but there are {batch_size} images; pass one entry "
+                    "per image (several prompts per image go in the second dimension)."
+                )
+
+        if adapter_pixel_values is None:
+            if pixel_values is None:
+                raise ValueError(
+                    "adapter_pixel_values is required when image_embeddings are given: the guiding branch needs the "
+                    "image. Pass the `adapter_pixel_values` returned by PASamProcessor (or "
+                    "`model.compute_adapter_pixel_values(pixel_values)`) together with image_embeddings."
+                )
+            adapter_pixel_values = self.compute_adapter_pixel_values(pixel_values)
+        expected = (batch_size, 4, self.adapter_size, self.adapter_size)
+        if tuple(adapter_pixel_values.shape) != expected:
+            raise ValueError(
+                f"adapter_pixel_values must have shape {expected}, got {tuple(adapter_pixel_values.shape)}; "
+                "use the PASamProcessor that ships with this checkpoint to make it."
+            )
+        if multimask_output is None:
+            multimask_output = self.config.multimask_output
+        if mine_points is None:
+            mine_points = not self.training or self.config.mask_decoder_config.point_mining_in_training
+
+        image_positional_embeddings = self.get_image_wide_positional_embeddings()
+        image_positional_embeddings = image_positional_embeddings.repeat(batch_size, 1, 1, 1)
+
+        vision_attentions = None
+        vision_hidden_states = None
+        if pixel_values is not None:
+            vision_outputs = self.vision_encoder(pixel_values, **kwargs)
+            image_embeddings = vision_outputs.last_hidden_state
+            vision_hidden_states = vision_outputs.hidden_states
+            vision_attentions = vision_outputs.attentions
+
+        if input_points is not None and input_labels is None:
+            input_labels = torch.ones_like(input_points[:, :, :, 0], dtype=torch.int, device=input_points.device)
+
+        sparse_embeddings, dense_embeddings = self.prompt_encoder(
+            input_points=input_points,
+            input_labels=input_labels,
+            input_boxes=input_boxes,
+            input_masks=input_masks,
+        )
+        point_label_embeddings = torch.cat(
+            [self.prompt_encoder.point_embed[0].weight, self.prompt_encoder.point_embed[1].weight], dim=0
+        )
+        decoder_output = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=image_positional_embeddings,
+            sparse_prompt_embeddings=sparse_embeddings,
+            dense_prompt_embeddings=dense_embeddings,
+            multimask_output=multimask_output,
+            adapter_pixel_values=adapter_pixel_values,
+            point_label_embeddings=point_label_embeddings,
+            mine_points=mine_points,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+        )
+        adapter_output = decoder_output.adapter_output
+
+        mined_point_coords = None
+        if adapter_output.mined_indices is not None:
+            height, width = adapter_output.coarse_masks.shape[-2:]
+            image_size = self.config.prompt_encoder_config.image_size
+            rows = torch.div(adapter_output.mined_indices, width, rounding_mode="floor")
+            cols = adapter_output.mined_indices - rows * width
+            mined_point_coords = torch.stack(
+                [(cols + 0.5) * (image_size / width), (rows + 0.5) * (image_size / height)], dim=-1
+            )
+
+        loss = None
+        if labels is not None:
+            loss = pasam_loss(
+                pred_masks=decoder_output.masks,
+                coarse_masks=adapter_output.coarse_masks,
+                refined_masks=adapter_output.refined_masks,
+                uncertainty_maps=adapter_output.uncertainty_maps,
+                labels=labels,
+            )
+
+        return PASamImageSegmentationOutput(
+            iou_scores=decoder_output.iou_scores,
+            pred_masks=decoder_output.masks,
+            vision_hidden_states=vision_hidden_states,
+            vision_attentions=vision_attentions,
+            loss=loss,
+            coarse_masks=adapter_output.coarse_masks,
+            refined_masks=adapter_output.refined_masks,
+            uncertainty_maps=adapter_output.uncertainty_maps,
+            pa_masks=adapter_output.pa_masks,
+            mined_point_coords=mined_point_coords,
+            mined_point_labels=adapter_output.mined_labels,
+        )
+
+    def adapter_state_dict_keys(self) -> list[str]:
+        """Names of the parameters PA-SAM adds to SAM (guiding branch and prompt adapter)."""
+        return [
+            name
+            for name in self.state_dict()
+            if name.startswith(("mask_decoder.guiding_conv.", "mask_decoder.prompt_adapter."))
+        ]
+
+    def zero_adapter_outputs_(self) -> None:
+        """Zero the last layer of each adapter branch that feeds SAM, so the model computes exactly SAM's masks
+        while point mining is off (and stays close to SAM with it on); every adapter tensor still gets gradient
+        once training moves these layers away from zero."""
+        with torch.no_grad():
+            for layer in (
+                self.mask_decoder.guiding_conv[6],
+                self.mask_decoder.prompt_adapter.cross_attn_token_to_image.out_proj,
+                self.mask_decoder.prompt_adapter.refined_mlp.proj_out,
+            ):
+                layer.weight.zero_()
+                layer.bias.zero_()
+
+    @classmethod
+    def from_sam_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        adapter_init: str = "zero",
+        adapter_config: dict | None = None,
+        **kwargs,
+    ) -> "PASamModel":
+        """Load a SAM checkpoint (an HF `SamModel` repo id or directory) into a PA-SAM model.
+
+        Every SAM weight is loaded; the only missing keys must be the adapter's, which are initialised and
+        reported. Any other missing or unexpected key raises.
+
+        Args:
+            pretrained_model_name_or_path (`str`): SAM checkpoint, e.g. `"facebook/sam-vit-base"` or a directory.
+            adapter_init (`str`, defaults to `"zero"`): `"zero"` zeroes the adapter's output layers so the
+                untrained model starts as SAM (see [`zero_adapter_outputs_`]); `"random"` keeps the default
+                random initialisation, as the release does.
+            adapter_config (`dict`, *optional*): adapter settings for [`PASamMaskDecoderConfig`], e.g.
+                `{"edge_mode": "rgb"}`.
+            kwargs: passed to `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
+        """
+        if adapter_init not in ("zero", "random"):
+            raise ValueError(f"adapter_init must be 'zero' or 'random', got {adapter_init!r}.")
+        config_kwargs = {
+            key: kwargs[key]
+            for key in ("revision", "token", "cache_dir", "local_files_only", "subfolder")
+            if key in kwargs
+        }
+        sam_config = SamConfig.from_pretrained(pretrained_model_name_or_path, **config_kwargs)
+        if sam_config.model_type not in ("sam", "pa_sam"):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {sam_config.model_type!r} model, not SAM; "
+                "from_sam_pretrained takes SAM checkpoints (model_type 'sam')."
+            )
+        config = PASamConfig.from_sam_config(sam_config, **(adapter_config or {}))
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+        )
+        adapter_keys = set(model.adapter_state_dict_keys())
+        missing = set(info["missing_keys"])
+        unexpected = set(info["unexpected_keys"]) | set(info.get("mismatched_keys", []))
+        if missing - adapter_keys or unexpected:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not a SAM checkpoint this model can load: "
+                f"missing {sorted(missing - adapter_keys)}, unexpected or mismatched {sorted(map(str, unexpected))}."
+            )
+        logger.warning(
+            f"Loaded SAM weights from {pretrained_model_name_or_path}; the {len(missing)} PA-SAM adapter tensors "
+            f"(mask_decoder.guiding_conv.*, mask_decoder.prompt_adapter.*) are new and initialised "
+            f"({adapter_init!r}). Fine-tune them (pasam train) or load released PA-SAM weights (pasam convert)."
+        )
+        if adapter_init == "zero":
+            model.zero_adapter_outputs_()
+        return model
+
+
+__all__ = [
+    "PASamImageSegmentationOutput",
+    "PASamMaskDecoder",
+    "PASamModel",
+    "PASamPromptAdapter",
+    "gumbel_top_k",
+]
