@@ -117,6 +117,46 @@ class PASamConfig(SamConfig):
             self.auto_map = dict(_AUTO_MAP)
 
     @classmethod
+    def small(
+        cls,
+        image_size: int = 128,
+        hidden_size: int = 32,
+        vision_hidden_size: int = 32,
+        vision_layers: int = 2,
+        **adapter_kwargs,
+    ) -> "PASamConfig":
+        """A small PA-SAM (random weights) for tests, the offline demo and quick experiments on a CPU.
+
+        Same architecture as SAM/PA-SAM with narrow layers: patch 16, so the image embedding is `image_size/16`
+        on a side and the adapter input `image_size/4`. `adapter_kwargs` go to [`PASamMaskDecoderConfig`].
+        """
+        heads = max(1, hidden_size // 16)
+        return cls(
+            vision_config=dict(
+                hidden_size=vision_hidden_size,
+                num_hidden_layers=vision_layers,
+                num_attention_heads=max(1, vision_hidden_size // 16),
+                image_size=image_size,
+                patch_size=16,
+                output_channels=hidden_size,
+                global_attn_indexes=[vision_layers - 1],
+                window_size=4,
+                mlp_dim=2 * vision_hidden_size,
+                num_pos_feats=hidden_size // 2,
+            ),
+            prompt_encoder_config=dict(
+                hidden_size=hidden_size, image_size=image_size, patch_size=16, mask_input_channels=8
+            ),
+            mask_decoder_config=dict(
+                hidden_size=hidden_size,
+                mlp_dim=2 * hidden_size,
+                num_attention_heads=heads,
+                iou_head_hidden_dim=hidden_size,
+                **adapter_kwargs,
+            ),
+        )
+
+    @classmethod
     def from_sam_config(cls, sam_config: SamConfig, **adapter_kwargs) -> "PASamConfig":
         """Build a PA-SAM config with the same trunk as `sam_config`; `adapter_kwargs` go to the decoder config."""
         decoder = sam_config.mask_decoder_config.to_dict()

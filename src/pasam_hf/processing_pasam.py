@@ -21,6 +21,27 @@ class PASamProcessor(SamProcessor):
 
     image_processor_class = ("PASamImageProcessorPil", "PASamImageProcessor")
 
+    @classmethod
+    def from_model_config(cls, config, **image_processor_kwargs) -> "PASamProcessor":
+        """A processor whose sizes and edge mode match `config` (any input size, e.g. `PASamConfig.small()`)."""
+        from .image_processing_pasam import PASamImageProcessor
+
+        image_size = config.vision_config.image_size
+        embedding_size = config.prompt_encoder_config.image_embedding_size
+        decoder = config.mask_decoder_config
+        kwargs = dict(
+            size={"longest_edge": image_size},
+            pad_size={"height": image_size, "width": image_size},
+            mask_size={"longest_edge": 4 * embedding_size},
+            mask_pad_size={"height": 4 * embedding_size, "width": 4 * embedding_size},
+            adapter_size=4 * embedding_size,
+            edge_mode=decoder.edge_mode,
+            canny_low_threshold=decoder.canny_low_threshold,
+            canny_high_threshold=decoder.canny_high_threshold,
+        )
+        kwargs.update(image_processor_kwargs)
+        return cls(image_processor=PASamImageProcessor(**kwargs))
+
     @property
     def model_input_names(self):
         return list(self.image_processor.model_input_names + ["original_sizes", "reshaped_input_sizes"])
