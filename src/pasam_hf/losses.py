@@ -69,7 +69,8 @@ def pasam_loss_components(
     """
     if pred_masks.ndim != 5 or pred_masks.shape[2] != 1:
         raise ValueError(
-            "The PA-SAM loss takes the single refined mask (multimask_output=False); got pred_masks of shape "
+            "The PA-SAM loss takes the single refined mask: call the model with multimask_output=False when "
+            f"passing labels; got pred_masks of shape "
             f"{tuple(pred_masks.shape)}."
         )
     if labels.ndim != 4 or labels.shape[:2] != pred_masks.shape[:2]:
