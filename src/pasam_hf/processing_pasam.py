@@ -19,8 +19,6 @@ class PASamProcessor(SamProcessor):
     ```
     """
 
-    image_processor_class = ("PASamImageProcessorPil", "PASamImageProcessor")
-
     @classmethod
     def from_model_config(cls, config, **image_processor_kwargs) -> "PASamProcessor":
         """A processor whose sizes and edge mode match `config` (any input size, e.g. `PASamConfig.small()`)."""
