@@ -14,9 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ChannelDimension
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorKwargs, SamImageProcessorPil
 from transformers.utils import is_torchvision_available
+
+from .validation import prepare_images
 
 EDGE_MODES = ("official", "rgb")
 
@@ -143,6 +145,14 @@ class _AdapterInputMixin:
         return encoding
 
     def _preprocess_image_like_inputs(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
+        # Every image becomes upright RGB uint8 (H, W, 3) first, whatever its kind, dtype and layout (or a ValueError
+        # naming it): SAM's own preprocessing would rescale floats in [0, 1] and uint16 by 1/255 and guess the
+        # channel axis of small arrays. See pasam_hf.validation.
+        size = kwargs.get("size")
+        longest_edge = size.longest_edge if kwargs.get("do_resize") and size is not None else None
+        images = prepare_images(images, data_format=kwargs.get("input_data_format"), longest_edge=longest_edge)
+        # The value range was resolved above: uint8 pixels need exactly the 1/255 rescale.
+        kwargs.update(input_data_format=ChannelDimension.LAST, do_rescale=True, rescale_factor=1 / 255)
         adapter_kwargs = {key: kwargs.pop(key, None) for key in _ADAPTER_KWARGS}
         encoding = super()._preprocess_image_like_inputs(images, segmentation_maps, **kwargs)
         adapter_kwargs.update(image_mean=kwargs.get("image_mean"), image_std=kwargs.get("image_std"))

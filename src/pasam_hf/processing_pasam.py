@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from transformers.image_utils import ChannelDimension
 from transformers.models.sam.processing_sam import SamProcessor
+
+from .validation import prepare_images, validate_prompts
 
 
 class PASamProcessor(SamProcessor):
@@ -18,6 +23,48 @@ class PASamProcessor(SamProcessor):
     ['adapter_pixel_values', 'input_boxes', 'original_sizes', 'pixel_values', 'reshaped_input_sizes']
     ```
     """
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: Any = None,
+        segmentation_maps: Any = None,
+        input_points: Any = None,
+        input_labels: Any = None,
+        input_boxes: Any = None,
+        **kwargs,
+    ):
+        """[`SamProcessor.__call__`] with checked inputs (see `pasam_hf.validation` and docs/reliability.md).
+
+        Images of any supported kind (PIL in any mode and EXIF orientation, numpy/torch in HWC or CHW, uint8,
+        uint16, bool or float) are brought to upright RGB uint8 first; prompts are checked against their image:
+        non-finite, inverted, zero-area or fully outside boxes, points outside the image, label/point count
+        mismatches and uneven prompt counts across the batch raise a `ValueError` naming the prompt; boxes partly
+        outside are clipped (with a `PromptClippedWarning`); point groups of different lengths are padded with
+        `point_pad_value` (-10), which the model ignores. Calling it without prompts only prepares the images.
+        """
+        if text is not None:
+            raise ValueError("PASamProcessor takes no text; prompts are input_points, input_labels and input_boxes.")
+        # The layout applies to the caller's arrays; after prepare_images every image is (H, W, 3).
+        images = prepare_images(images, data_format=kwargs.pop("input_data_format", None))
+        pad_value = kwargs.get("point_pad_value")
+        pad_value = self.point_pad_value if pad_value is None else pad_value
+        prompts = validate_prompts(
+            [image.shape[:2] for image in images], input_points, input_labels, input_boxes, pad_value=pad_value
+        )
+        encoding = super().__call__(
+            images=images,
+            segmentation_maps=segmentation_maps,
+            input_points=None if prompts.points is None else prompts.points.tolist(),
+            input_labels=None if prompts.labels is None else prompts.labels.tolist(),
+            input_boxes=None if prompts.boxes is None else prompts.boxes.tolist(),
+            input_data_format=ChannelDimension.LAST,
+            **kwargs,
+        )
+        if prompts.points is not None and (prompts.labels == pad_value).any():
+            # SamProcessor rescales every coordinate; padding points keep the pad value, as SAM's own padding does.
+            encoding["input_points"][encoding["input_labels"] == pad_value] = pad_value
+        return encoding
 
     @classmethod
     def from_model_config(cls, config, **image_processor_kwargs) -> "PASamProcessor":
