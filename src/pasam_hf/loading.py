@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import os
+import pickle
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from huggingface_hub.errors import (
@@ -13,8 +20,16 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from safetensors import SafetensorError, safe_open
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.sam.configuration_sam import (
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+)
 
-from .configuration_pasam import PASamConfig
+from .configuration_pasam import PASamConfig, PASamMaskDecoderConfig
 from .image_processing_pasam import PASamImageProcessor
 from .modeling_pasam import PASamModel
 from .processing_pasam import PASamProcessor
@@ -25,6 +40,255 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 class ModelLoadError(ValueError):
     """The model could not be loaded; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------ strict checkpoint loading
+# transformers loads a checkpoint whatever its config.json holds (unknown fields become attributes, missing ones
+# take defaults) and initialises missing or mis-shaped weights randomly with only a log line. For PA-SAM either
+# means silently wrong masks, so `PASamModel.from_pretrained` goes through `load_pretrained_strict`.
+
+SUB_CONFIGS = {
+    "vision_config": SamVisionConfig,
+    "prompt_encoder_config": SamPromptEncoderConfig,
+    "mask_decoder_config": PASamMaskDecoderConfig,
+}
+# Keys that transformers 4.x wrote into every config (its PretrainedConfig attributes, generation settings
+# included). transformers 5 ignores them, and SAM configs from the Hub carry them into converted PA-SAM configs.
+LEGACY_CONFIG_KEYS = frozenset({
+    "_attn_implementation_autoset", "_commit_hash", "_name_or_path", "add_cross_attention", "attn_implementation",
+    "bad_words_ids", "begin_suppress_tokens", "bos_token_id", "cross_attention_hidden_size",
+    "decoder_start_token_id", "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+    "eos_token_id", "experts_implementation", "exponential_decay_length_penalty", "finetuning_task",
+    "forced_bos_token_id", "forced_eos_token_id", "is_decoder", "length_penalty", "max_length", "min_length",
+    "name_or_path", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_labels", "num_return_sequences",
+    "output_attentions", "output_scores", "pad_token_id", "per_layer_config", "prefix", "pruned_heads",
+    "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id", "suppress_tokens",
+    "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k",
+    "top_p", "torch_dtype", "torchscript", "typical_p", "use_bfloat16",
+})
+# Weight files transformers reads with pickle (torch.load): never read by default.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def _own_fields(config_class: type) -> set[str]:
+    return {field.name for field in dataclasses.fields(config_class)}
+
+
+@lru_cache(maxsize=None)
+def _known_config_keys(config_class: type) -> frozenset[str]:
+    # Dataclass fields, plus attributes a config derives and saves (SamVisionConfig.scale, ...), plus legacy keys.
+    derived = set(config_class().to_dict())
+    return frozenset(_own_fields(config_class) | derived | {"model_type", "auto_map"} | LEGACY_CONFIG_KEYS)
+
+
+def _required_config_keys() -> dict[str, set[str]]:
+    """Fields every PA-SAM config.json must spell out: the sub-configs and what PA-SAM adds to SAM (the adapter
+    settings change the masks but no weight shape, so a default would go unnoticed). SAM's own fields may be
+    missing: a wrong default there changes weight shapes, which `check_loading_info` reports."""
+    return {
+        "": (_own_fields(PASamConfig) - _own_fields(SamConfig)) | set(SUB_CONFIGS),
+        "mask_decoder_config": _own_fields(PASamMaskDecoderConfig) - _own_fields(SamMaskDecoderConfig),
+    }
+
+
+def _unknown(keys, known: frozenset[str], prefix: str) -> list[str]:
+    found = []
+    for key in sorted(set(keys) - known):
+        close = difflib.get_close_matches(key, sorted(known - LEGACY_CONFIG_KEYS), n=1, cutoff=0.75)
+        found.append(f"{prefix}{key}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return found
+
+
+def check_config_dict(config_dict: dict[str, Any], location: str, check_missing: bool = True) -> None:
+    """Raise one [`ModelLoadError`] if a PA-SAM config has another model type, unknown fields or missing fields.
+
+    Args:
+        config_dict: The content of config.json (or `config.to_dict()`).
+        location: How the message names the file, e.g. `"checkpoints/pa-sam/config.json"`.
+        check_missing: Whether required fields must be present (not for a config object: it has every field).
+    """
+    model_type = config_dict.get("model_type")
+    if model_type != PASamConfig.model_type:
+        fix = (
+            "load it with PASamModel.from_sam_pretrained (SAM weights plus a new adapter)"
+            if model_type == "sam"
+            else "point at a PA-SAM checkpoint, or convert the release's weights with `pasam convert`"
+        )
+        raise ModelLoadError(f"{location} describes a {model_type!r} model, not PA-SAM ('pa_sam'); {fix}.")
+    unknown = _unknown(config_dict, _known_config_keys(PASamConfig), "")
+    missing = []
+    required = _required_config_keys()
+    if check_missing:
+        missing += sorted(required[""] - set(config_dict))
+    for key, config_class in SUB_CONFIGS.items():
+        sub_config = config_dict.get(key)
+        if isinstance(sub_config, PreTrainedConfig):
+            sub_config = sub_config.to_dict()
+        if not isinstance(sub_config, dict):
+            continue
+        unknown += _unknown(sub_config, _known_config_keys(config_class), f"{key}.")
+        if check_missing:
+            missing += [f"{key}.{name}" for name in sorted(required.get(key, set()) - set(sub_config))]
+    if unknown or missing:
+        problems = "; ".join(
+            part for part in (
+                f"unknown fields {', '.join(unknown)}" if unknown else "",
+                f"missing fields {', '.join(missing)}" if missing else "",
+            ) if part
+        )
+        raise ModelLoadError(
+            f"{location} has {problems}. A misspelt or missing field would silently change the model. Fix the "
+            "file (compare with PASamConfig().to_dict()), or re-create it with `pasam convert` / save_pretrained; "
+            "if it was written by a newer pasam_hf, upgrade pasam_hf."
+        )
+
+
+def check_loading_info(info: dict[str, Any], source: str, allow_mismatched: bool = False) -> None:
+    """Raise one [`ModelLoadError`] if `from_pretrained(..., output_loading_info=True)` left weights missing,
+    unused or (unless `allow_mismatched`) re-initialised for a shape mismatch."""
+
+    def sample(names) -> str:
+        names = sorted(map(str, names))
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"{len(info['missing_keys'])} weights the model needs are missing ({sample(info['missing_keys'])})")
+    if info.get("unexpected_keys"):
+        problems.append(
+            f"{len(info['unexpected_keys'])} weights are not part of PA-SAM ({sample(info['unexpected_keys'])})"
+        )
+    if info.get("mismatched_keys") and not allow_mismatched:
+        mismatched = [f"{name}: {tuple(saved)} in the file, {tuple(expected)} in the model"
+                      for name, saved, expected in info["mismatched_keys"]]
+        problems.append(f"{len(mismatched)} weights have another shape than config.json implies ({sample(mismatched)})")
+    if problems:
+        raise ModelLoadError(
+            f"{source} does not hold the weights of the model its config.json describes: {'; '.join(problems)}. "
+            "transformers would initialise those randomly. Use a complete checkpoint written by save_pretrained or "
+            "`pasam convert` whose config.json and weights belong together."
+        )
+
+
+def _weight_files(location: Path) -> tuple[list[Path], list[Path]]:
+    if not location.is_dir():
+        return [], []
+    safetensors = sorted(location.glob("*.safetensors"))
+    pickles = sorted(path for path in location.iterdir() if path.suffix in PICKLE_SUFFIXES)
+    return safetensors, pickles
+
+
+def _unreadable_safetensors(files: list[Path]) -> list[Path]:
+    bad = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            bad.append(path)
+    return bad
+
+
+@contextmanager
+def readable_load_errors(source: str | os.PathLike) -> Iterator[None]:
+    """Turn what `from_pretrained` raises for a corrupt, pickle-only or mismatched checkpoint into one
+    [`ModelLoadError`] naming the file and the fix; other errors pass through unchanged."""
+    location = Path(source).expanduser()
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except SafetensorError as error:
+        bad = _unreadable_safetensors(_weight_files(location)[0])
+        named = ", ".join(map(str, bad)) if bad else f"a .safetensors file of {source}"
+        raise ModelLoadError(
+            f"{named} is not a readable safetensors file ({error}): it is truncated or corrupt, e.g. an interrupted "
+            "download or copy. Download or copy it again (`hf download ... --force-download` for a Hub model), or "
+            "re-save it with save_pretrained."
+        ) from error
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(
+            f"{source} holds a pickle weights file that torch.load(weights_only=True) refuses, because loading it "
+            f"could run code ({' '.join(str(error).split())[:200]}). Get a .safetensors version of the checkpoint."
+        ) from error
+    except OSError as error:
+        message = " ".join(str(error).split())
+        safetensors, pickles = _weight_files(location)
+        if "safetensors" in message and pickles and not safetensors:
+            raise ModelLoadError(
+                f"{source} has only pickle weights ({', '.join(path.name for path in pickles)}) and pasam_hf loads "
+                "safetensors only (a pickle file can run code when loaded). If you trust the file, convert it once: "
+                "PASamModel.from_pretrained(path, use_safetensors=False).save_pretrained(path); release .pth files "
+                "go through `pasam convert`."
+            ) from error
+        raise
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ModelLoadError(
+            f"the weights in {source} do not fit its config.json (tensor shapes differ; see the load report above): "
+            "the config belongs to another model size. Use the config.json that was saved with these weights."
+        ) from error
+
+
+def load_pretrained_strict(load: Callable[..., Any], source: str | os.PathLike, *model_args, **kwargs) -> Any:
+    """`load(source, *model_args, **kwargs)` (a `from_pretrained`), made strict for PA-SAM checkpoints.
+
+    - config.json must be a PA-SAM config without unknown or missing fields ([`check_config_dict`]);
+    - weights are read from safetensors only, unless the caller passes `use_safetensors=False` explicitly (then
+      transformers reads pickle files with `torch.load(weights_only=True)`);
+    - every weight must be present, used and of the right shape ([`check_loading_info`]);
+      `ignore_mismatched_sizes=True` from the caller allows re-initialising mismatched ones, as in transformers;
+    - a truncated or corrupt file raises a [`ModelLoadError`] naming it.
+
+    Returns what `load` returns: the model, or `(model, loading_info)` with `output_loading_info=True`.
+    """
+    wants_info = kwargs.pop("output_loading_info", False)
+    allow_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    kwargs.setdefault("use_safetensors", True)
+    config = kwargs.get("config")
+    with readable_load_errors(source):
+        if isinstance(config, PreTrainedConfig):
+            # Built by the caller (or a pipeline, from the same config.json): its fields are all set, but fields
+            # that config.json had and PASamConfig does not know survive as attributes.
+            check_config_dict(config.to_dict(), f"the config given for {source}", check_missing=False)
+        else:
+            config_source = source if config is None else config
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config_dict, _ = PASamConfig.get_config_dict(config_source, **hub_kwargs)
+            location = Path(config_source).expanduser() / "config.json"
+            check_config_dict(config_dict, str(location) if location.is_file() else f"config.json of {config_source}")
+        model, info = load(source, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    check_loading_info(info, str(source), allow_mismatched)
+    return (model, info) if wants_info else model
+
+
+def load_pth_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a PyTorch checkpoint (a release `.pth`) with `torch.load(weights_only=True)`: tensors and plain
+    containers only, never code. Returns the mapping stored in the file (a state dict, or a dict holding one).
+
+    Raises:
+        ModelLoadError: the file is missing, truncated/corrupt, or needs code execution to load.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist; check the path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(
+            f"{path} needs code execution to load, which torch.load(weights_only=True) refuses "
+            f"({' '.join(str(error).split())[:200]}). Re-save it as a plain state dict (torch.save(model.state_dict()))."
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{path} is not a readable PyTorch checkpoint ({' '.join(str(error).split())[:200]}): it is truncated or "
+            "corrupt. Download or copy it again."
+        ) from error
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} holds a {type(state).__name__}, not a state dict; save model.state_dict().")
+    return state
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -72,7 +336,8 @@ def load_model_and_processor(
             model_id_or_path, revision=revision
         )[0].get("model_type")
         if model_type == "sam":
-            model = PASamModel.from_sam_pretrained(model_id_or_path, revision=revision, dtype=torch_dtype)
+            with readable_load_errors(model_id_or_path):
+                model = PASamModel.from_sam_pretrained(model_id_or_path, revision=revision, dtype=torch_dtype)
         elif model_type == "pa_sam":
             model = PASamModel.from_pretrained(model_id_or_path, revision=revision, dtype=torch_dtype)
         else:
@@ -110,4 +375,13 @@ def load_model_and_processor(
     return model, processor
 
 
-__all__ = ["ModelLoadError", "load_model_and_processor", "resolve_dtype"]
+__all__ = [
+    "ModelLoadError",
+    "check_config_dict",
+    "check_loading_info",
+    "load_model_and_processor",
+    "load_pretrained_strict",
+    "load_pth_state_dict",
+    "readable_load_errors",
+    "resolve_dtype",
+]

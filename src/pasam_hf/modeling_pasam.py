@@ -588,6 +588,12 @@ class PASamModel(SamModel):
             raise ValueError("Either pixel_values or image_embeddings must be provided.")
         if pixel_values is not None and image_embeddings is not None:
             raise ValueError("Only one of pixel_values and image_embeddings can be provided.")
+        if input_points is None and input_boxes is None and input_masks is None:
+            # SAM would still return a mask, one that no prompt asked for.
+            raise ValueError(
+                "PA-SAM needs a prompt: pass input_points, input_boxes or input_masks (see PASamProcessor). To "
+                "segment everything in an image, use pipeline('mask-generation', model=...)."
+            )
         if input_points is not None and input_points.ndim != 4:
             raise ValueError(
                 "input_points must be a 4D tensor of shape (batch_size, point_batch_size, points_per_prompt, 2), "
@@ -720,6 +726,18 @@ class PASamModel(SamModel):
             ):
                 layer.weight.zero_()
                 layer.bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "PASamModel":
+        r"""[`PreTrainedModel.from_pretrained`], strict (see `pasam_hf.loading.load_pretrained_strict`): weights are
+        read from safetensors only unless `use_safetensors=False` is passed, and a config.json of another model
+        type or with unknown or missing fields, a truncated or corrupt weights file, or weights that are missing,
+        unused or of the wrong shape (which transformers would initialise randomly) raise one
+        `pasam_hf.loading.ModelLoadError` naming the file and the fix.
+        """
+        from .loading import load_pretrained_strict
+
+        return load_pretrained_strict(super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
     def from_sam_pretrained(
