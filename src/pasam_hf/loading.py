@@ -7,6 +7,7 @@ import difflib
 import json
 import os
 import pickle
+import re
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -171,6 +172,12 @@ def check_loading_info(info: dict[str, Any], source: str, allow_mismatched: bool
         )
 
 
+def _pickle_global(error: BaseException) -> str:
+    """`" (it calls os.system)"`: the callable torch refused to import, when its message names one."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return f" (it calls {found.group(1)})" if found else ""
+
+
 def _weight_files(location: Path) -> tuple[list[Path], list[Path]]:
     if not location.is_dir():
         return [], []
@@ -210,7 +217,7 @@ def readable_load_errors(source: str | os.PathLike) -> Iterator[None]:
     except pickle.UnpicklingError as error:
         raise ModelLoadError(
             f"{source} holds a pickle weights file that torch.load(weights_only=True) refuses, because loading it "
-            f"could run code ({' '.join(str(error).split())[:200]}). Get a .safetensors version of the checkpoint."
+            f"would run code{_pickle_global(error)}. Get a .safetensors version of the checkpoint."
         ) from error
     except OSError as error:
         message = " ".join(str(error).split())
@@ -278,8 +285,8 @@ def load_pth_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ModelLoadError(
-            f"{path} needs code execution to load, which torch.load(weights_only=True) refuses "
-            f"({' '.join(str(error).split())[:200]}). Re-save it as a plain state dict (torch.save(model.state_dict()))."
+            f"{path} needs code execution to load{_pickle_global(error)}, which torch.load(weights_only=True) "
+            "refuses. Re-save it as a plain state dict (torch.save(model.state_dict())) where you trust it."
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise ModelLoadError(

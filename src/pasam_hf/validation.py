@@ -29,8 +29,10 @@ SUPPORTED_CHANNELS = (1, 3, 4)
 # Point labels the SAM prompt encoder understands: 1 foreground, 0 background, -1 "not a point", -10 padding.
 POINT_LABELS = (1, 0, -1, -10)
 DEFAULT_POINT_PAD_VALUE = -10
+# Boxes narrower than this (in pixels) have no area to speak of and may collapse to zero width in float32.
+MIN_BOX_SIDE = 0.01
 # Large images are converted in bands of rows so that no full-size float copy is ever made.
-_BAND_ELEMENTS = 1 << 24
+_BAND_ELEMENTS = 1 << 22
 # PIL modes whose pixels do not fit in 8 bits: read them as arrays so that their range is not clipped to 255.
 _WIDE_PIL_MODES = ("I", "F")
 
@@ -192,9 +194,13 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
             "mean and std are not accepted, since the processor normalises them itself."
         )
     out = np.empty(array.shape, dtype=np.uint8)
+    work_dtype = np.float32 if array.itemsize <= 2 or array.dtype == np.float32 else np.float64
     for start, step in _row_slices(array):
-        band = array[start:start + step].astype(np.float32 if array.itemsize <= 4 else np.float64)
-        out[start:start + step] = np.rint(band * scale)
+        # One temporary per band, scaled and rounded in place.
+        band = array[start:start + step].astype(work_dtype)
+        np.multiply(band, scale, out=band)
+        np.rint(band, out=band)
+        out[start:start + step] = band
     return out
 
 
@@ -470,13 +476,16 @@ def _checked_box(box: np.ndarray, height: int, width: int, name: str) -> tuple[n
             f"{name} is [{x0:g}, {y0:g}, {x1:g}, {y1:g}]: x1 < x0 or y1 < y0. Boxes are [x0, y0, x1, y1] corners in "
             "pixels; convert [x, y, w, h] boxes to [x, y, x + w, y + h]."
         )
-    if x1 == x0 or y1 == y0:
-        raise ValueError(f"{name} is [{x0:g}, {y0:g}, {x1:g}, {y1:g}], which has zero area; give a box around the object.")
+    if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
+        raise ValueError(
+            f"{name} is [{x0:g}, {y0:g}, {x1:g}, {y1:g}], which has (almost) zero area: a side is shorter than "
+            f"{MIN_BOX_SIDE} pixel. Give a box around the object."
+        )
     clipped = np.array([np.clip(x0, 0, width), np.clip(y0, 0, height), np.clip(x1, 0, width), np.clip(y1, 0, height)])
-    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+    if clipped[2] - clipped[0] < MIN_BOX_SIDE or clipped[3] - clipped[1] < MIN_BOX_SIDE:
         raise ValueError(
             f"{name} is [{x0:g}, {y0:g}, {x1:g}, {y1:g}], entirely outside the {width}x{height} (width x height) "
-            "image; check the coordinates and the image the box belongs to."
+            "image (or overlapping it by a sliver); check the coordinates and the image the box belongs to."
         )
     return clipped, not np.array_equal(clipped, box)
 
