@@ -96,7 +96,7 @@ def _required_config_keys() -> dict[str, set[str]]:
 def _unknown(keys, known: frozenset[str], prefix: str) -> list[str]:
     found = []
     for key in sorted(set(keys) - known):
-        close = difflib.get_close_matches(key, sorted(known - LEGACY_CONFIG_KEYS), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(key, sorted(known - LEGACY_CONFIG_KEYS), n=1, cutoff=0.6)
         found.append(f"{prefix}{key}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return found
 
@@ -256,12 +256,12 @@ def load_pretrained_strict(load: Callable[..., Any], source: str | os.PathLike, 
     kwargs.setdefault("use_safetensors", True)
     config = kwargs.get("config")
     with readable_load_errors(source):
-        if isinstance(config, PreTrainedConfig):
-            # Built by the caller (or a pipeline, from the same config.json): its fields are all set, but fields
-            # that config.json had and PASamConfig does not know survive as attributes.
+        if isinstance(config, PreTrainedConfig) and config.name_or_path != str(source):
+            # Built by the caller: its fields are all set, but unknown ones survive as attributes.
             check_config_dict(config.to_dict(), f"the config given for {source}", check_missing=False)
         else:
-            config_source = source if config is None else config
+            # No config, a path, or one read from this very checkpoint (AutoModel, pipeline): check the file.
+            config_source = source if config is None or isinstance(config, PreTrainedConfig) else config
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             config_dict, _ = PASamConfig.get_config_dict(config_source, **hub_kwargs)
             location = Path(config_source).expanduser() / "config.json"
