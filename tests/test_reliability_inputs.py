@@ -448,3 +448,20 @@ def test_validate_prompts_is_usable_on_its_own() -> None:
     prompts = validate_prompts([image.shape[:2] for image in images], input_points=[[[1, 2]], [[3, 4], [5, 6]]])
     assert prompts.points.shape == (2, 1, 2, 2) and prompts.labels.tolist() == [[[1, -10]], [[1, 1]]]
     assert prompts.boxes is None
+
+
+def test_real_photos_with_tight_boxes(shared_data, hq_fixture, model, processor) -> None:
+    """The hq-fixture photos (JPEG, as files and as PIL images) with the evaluation's tight GT boxes."""
+    items = hq_fixture["items"] if isinstance(hq_fixture, dict) else hq_fixture
+    root = shared_data / "hq-fixture"
+    for item in items:
+        mask = np.asarray(Image.open(root / item["mask"])) > 128
+        rows, cols = np.nonzero(mask)
+        box = [[[float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PromptClippedWarning)  # tight GT boxes lie inside their image
+            from_path = _pixels(processor, str(root / item["image"]), input_boxes=box)
+        with Image.open(root / item["image"]) as photo:
+            _assert_same_inputs(_pixels(processor, photo, input_boxes=box), from_path, item["id"])
+        assert from_path["original_sizes"].tolist() == [[item["height"], item["width"]]]
+        assert torch.isfinite(_masks(model, from_path)).all()

@@ -117,6 +117,11 @@ def _upright_pil(image: PIL.Image.Image, name: str) -> tuple[np.ndarray, bool]:
             f"{name} is a PIL image whose pixels cannot be decoded ({error}); the file is corrupt or truncated: "
             "re-export it as PNG or JPEG."
         ) from error
+    except ValueError as error:  # a mode PIL cannot convert to RGB
+        raise ValueError(
+            f"{name} is a PIL image in mode {image.mode!r}, which PIL cannot convert to RGB ({error}); convert it "
+            "to RGB yourself first."
+        ) from error
 
 
 def _as_numpy(image: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
