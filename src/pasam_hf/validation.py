@@ -135,7 +135,9 @@ def _as_numpy(image: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def _channels_last(array: np.ndarray, name: str, data_format: ChannelDimension | None, prefer_first: bool) -> np.ndarray:
+def _channels_last(
+    array: np.ndarray, name: str, data_format: ChannelDimension | None, prefer_first: bool
+) -> np.ndarray:
     """`array` as `(H, W)` or `(H, W, C)`; `prefer_first` breaks ties ((3, 5, 3)) for torch tensors, which are CHW."""
     if array.ndim == 2:
         return array
@@ -215,23 +217,20 @@ def _row_slices(array: np.ndarray) -> list[tuple[int, int]]:
     return [(start, rows) for start in range(0, array.shape[0], rows)]
 
 
-def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    """uint8 `(H, W)` or `(H, W, C)` as contiguous-or-view uint8 `(H, W, 3)`."""
+def _to_rgb(array: np.ndarray) -> np.ndarray:
+    """uint8 `(H, W)` or `(H, W, C)` with C in `SUPPORTED_CHANNELS` (checked by `_channels_last`) as `(H, W, 3)`."""
     if array.ndim == 2:
         array = array[..., None]
-    channels = array.shape[-1]
-    if channels == 3:
+    if array.shape[-1] == 3:
         return array
-    if channels == 1:
+    if array.shape[-1] == 1:
         return np.repeat(array, 3, axis=-1)
-    if channels == 4:
-        # transformers' own RGBA -> RGB (alpha composited onto white), one band at a time to bound its float copy.
-        out = np.empty(array.shape[:2] + (3,), dtype=np.uint8)
-        for start, step in _row_slices(array):
-            band = array[start:start + step]
-            out[start:start + step] = convert_to_rgb(band, return_numpy=True, input_data_format=ChannelDimension.LAST)
-        return out
-    raise ValueError(f"{name} has {channels} channels; pass grayscale, RGB or RGBA.")  # pragma: no cover
+    # RGBA: transformers' own conversion (alpha composited onto white), a band at a time to bound its float copy.
+    out = np.empty(array.shape[:2] + (3,), dtype=np.uint8)
+    for start, step in _row_slices(array):
+        band = array[start:start + step]
+        out[start:start + step] = convert_to_rgb(band, return_numpy=True, input_data_format=ChannelDimension.LAST)
+    return out
 
 
 def to_rgb_uint8(
@@ -273,7 +272,7 @@ def to_rgb_uint8(
     array = _channels_last(array, name, layout, prefer_first)
     if 0 in array.shape:
         raise ValueError(f"{name} has shape {array.shape}, which holds no pixels; pass an image of at least 1x1.")
-    return _to_rgb(_to_uint8(array, name), name)
+    return _to_rgb(_to_uint8(array, name))
 
 
 def check_resizable(height: int, width: int, longest_edge: int, name: str = "image") -> None:
@@ -391,6 +390,7 @@ def _per_image(value: Any, name: str, levels: tuple[int, ...], example: str, num
 
 
 def _check_prompt_counts(counts: dict[str, list[int]]) -> int:
+    """The common number of prompts per image of `{"input_points": [per image], "input_boxes": [...]}`."""
     for name, per_image in counts.items():
         if len(set(per_image)) > 1:
             raise ValueError(
@@ -406,7 +406,10 @@ def _check_prompt_counts(counts: dict[str, list[int]]) -> int:
     return next(iter(totals.values()))
 
 
-def _parse_points(input_points, input_labels, num_images: int) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
+def _parse_points(
+    input_points: Any, input_labels: Any, num_images: int
+) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]] | None]:
+    """Per image, per prompt: points `(N, 2)` and labels `(N,)` (labels `None` when not given)."""
     example = "[[[x, y]]] (one point on one image) or [[[[x, y], [x2, y2]]]] (one prompt of two points)"
     entries, depth = _per_image(input_points, "input_points", (3, 4), example, num_images)
     points = []
@@ -451,7 +454,8 @@ def _parse_points(input_points, input_labels, num_images: int) -> tuple[list[lis
     return points, labels
 
 
-def _parse_boxes(input_boxes, num_images: int) -> list[np.ndarray]:
+def _parse_boxes(input_boxes: Any, num_images: int) -> list[np.ndarray]:
+    """Per image: boxes `(num_boxes, 4)`."""
     example = "[[[x0, y0, x1, y1]]] (one box on one image)"
     entries, _ = _per_image(input_boxes, "input_boxes", (3,), example, num_images)
     boxes = []
