@@ -30,11 +30,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def hq_fixture(shared_data: Path) -> list[dict]:
-    """The 8 image/mask pairs of hq-fixture as manifest entries with absolute paths."""
+    """The 8 image/mask pairs of hq-fixture: the manifest's `items`, with `image` and `mask` as absolute paths.
+
+    Masks: 0 background, 255 foreground, 128 ignore (the manifest's own description)."""
     root = shared_data / "hq-fixture"
     if not (root / "manifest.json").is_file():
         pytest.skip("hq-fixture/manifest.json not found")
-    return json.loads((root / "manifest.json").read_text())
+    items = json.loads((root / "manifest.json").read_text())["items"]
+    return [{**item, "image": str(root / item["image"]), "mask": str(root / item["mask"])} for item in items]
 
 
 def tiny_config(**adapter_kwargs) -> PASamConfig:

@@ -452,7 +452,7 @@ def test_validate_prompts_is_usable_on_its_own() -> None:
 
 def test_real_photos_with_tight_boxes(shared_data, hq_fixture, model, processor) -> None:
     """The hq-fixture photos (JPEG, as files and as PIL images) with the evaluation's tight GT boxes."""
-    items = hq_fixture["items"] if isinstance(hq_fixture, dict) else hq_fixture
+    items = hq_fixture
     root = shared_data / "hq-fixture"
     for item in items:
         mask = np.asarray(Image.open(root / item["mask"])) > 128
