@@ -80,6 +80,31 @@ def test_points_masks_and_defaults(model: PASamModel) -> None:
         assert out.pred_masks.shape == (1, 3, 1, 4 * EMBED, 4 * EMBED)
 
 
+def test_per_prompt_mask_prompts(model: PASamModel) -> None:
+    """Masks of shape (B, P, M, M) prompt each prompt separately: each prompt's output equals a run with that mask
+    alone, and a mask-only batch of P masks gives P outputs."""
+    model.eval()
+    pixels = _pixels(1)
+    masks = torch.randn(1, 3, 4 * EMBED, 4 * EMBED)
+    boxes = _boxes(1, 3)
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(pixels)
+        adapter = model.compute_adapter_pixel_values(pixels)
+        common = {"image_embeddings": embeddings, "adapter_pixel_values": adapter}
+        together = model(**common, input_boxes=boxes, input_masks=masks).pred_masks
+        mask_only = model(**common, input_masks=masks).pred_masks
+        assert together.shape == mask_only.shape == (1, 3, 1, 4 * EMBED, 4 * EMBED)
+        for index in range(3):
+            alone = model(**common, input_boxes=boxes[:, index : index + 1], input_masks=masks[:, index : index + 1])
+            torch.testing.assert_close(together[:, index : index + 1], alone.pred_masks, atol=1e-5, rtol=1e-5)
+            alone = model(**common, input_masks=masks[:, index : index + 1])
+            torch.testing.assert_close(mask_only[:, index : index + 1], alone.pred_masks, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="masks per image but there are 2"):
+            model(**common, input_boxes=_boxes(1, 2), input_masks=masks)
+        with pytest.raises(ValueError, match="input_masks must have shape"):
+            model(**common, input_masks=torch.zeros(1, 3, 8, 8))
+
+
 def test_bfloat16_forward(model: PASamModel) -> None:
     model = model.to(torch.bfloat16)
     with torch.no_grad():

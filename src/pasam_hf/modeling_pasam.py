@@ -431,14 +431,18 @@ class PASamMaskDecoder(SamMaskDecoder):
             image_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): image encoder output.
             image_positional_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): dense positional encoding.
             sparse_prompt_embeddings (`torch.Tensor` of shape `(B, P, S, C)`, *optional*): points and boxes.
-            dense_prompt_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): mask prompt or no-mask embedding.
+            dense_prompt_embeddings (`torch.Tensor` of shape `(B, C, h, w)` or `(B, P, C, h, w)`): mask prompt (per
+                image, or per prompt) or no-mask embedding.
             multimask_output (`bool`): return SAM's three multimask outputs instead of the (refined) first mask.
             adapter_pixel_values (`torch.Tensor` of shape `(B, 4, 4h, 4w)`): guiding branch input.
             point_label_embeddings (`torch.Tensor` of shape `(2, C)`): negative and positive point embeddings.
             mine_points (`bool`): whether the adapter mines hard points.
         """
         batch_size, num_channels, height, width = image_embeddings.shape
-        point_batch_size = sparse_prompt_embeddings.shape[1] if sparse_prompt_embeddings is not None else 1
+        if sparse_prompt_embeddings is not None:
+            point_batch_size = sparse_prompt_embeddings.shape[1]
+        else:
+            point_batch_size = dense_prompt_embeddings.shape[1] if dense_prompt_embeddings.ndim == 5 else 1
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.repeat(batch_size, point_batch_size, 1, 1)
         if sparse_prompt_embeddings is not None:
@@ -451,8 +455,13 @@ class PASamMaskDecoder(SamMaskDecoder):
         guiding_embedding = self.guiding_conv(adapter_pixel_values.to(self.iou_token.weight.dtype))
         guiding_embedding = guiding_embedding.flatten(2).transpose(1, 2).unsqueeze(1)
 
-        image_embeddings = image_embeddings + dense_prompt_embeddings
-        image_embeddings = image_embeddings.repeat_interleave(point_batch_size, 0)
+        if dense_prompt_embeddings.ndim == 5:
+            # One mask prompt per prompt (B, P or 1, C, h, w), e.g. noisy-mask prompts in training.
+            image_embeddings = image_embeddings.unsqueeze(1) + dense_prompt_embeddings
+            image_embeddings = image_embeddings.expand(-1, point_batch_size, -1, -1, -1).flatten(0, 1)
+        else:
+            image_embeddings = image_embeddings + dense_prompt_embeddings
+            image_embeddings = image_embeddings.repeat_interleave(point_batch_size, 0)
         image_positional_embeddings = image_positional_embeddings.repeat_interleave(point_batch_size, 0)
 
         point_embedding, image_embeddings, adapter_output = self.transformer(
@@ -575,6 +584,8 @@ class PASamModel(SamModel):
         adapter_pixel_values (`torch.Tensor` of shape `(batch_size, 4, 256, 256)`, *optional*):
             Input of the guiding branch (SAM pixel values at 256 and their Canny edge map), as returned by
             [`PASamProcessor`]. Computed from `pixel_values` when omitted; required with `image_embeddings`.
+        input_masks (`torch.Tensor` of shape `(batch_size, point_batch_size, 256, 256)`, *optional*):
+            Mask logits as prompts, one per prompt; `(batch_size, 1, 256, 256)` is SAM's one mask per image.
         multimask_output (`bool`, *optional*, defaults to `config.multimask_output`, i.e. `False`):
             `False` returns the first mask, the one the adapter refines; `True` returns SAM's three other masks.
         labels (`torch.Tensor` of shape `(batch_size, point_batch_size, height, width)`, *optional*):
@@ -609,6 +620,8 @@ class PASamModel(SamModel):
                 f"{input_points.shape[1]} point prompts and {input_boxes.shape[1]} boxes per image."
             )
         batch_size = pixel_values.shape[0] if pixel_values is not None else image_embeddings.shape[0]
+        if input_masks is not None:
+            input_masks = self._check_input_masks(input_masks, batch_size, input_points, input_boxes)
         for name, prompt in (("input_points", input_points), ("input_boxes", input_boxes)):
             if prompt is not None and prompt.shape[0] != batch_size:
                 raise ValueError(
@@ -653,8 +666,15 @@ class PASamModel(SamModel):
             input_points=input_points,
             input_labels=input_labels,
             input_boxes=input_boxes,
-            input_masks=input_masks,
+            input_masks=None,
         )
+        if input_masks is not None:
+            # Embedded per prompt: (B, P, M, M) -> (B, P, C, h, w); P = 1 is SAM's one mask per image.
+            mask_batch, mask_prompts = input_masks.shape[:2]
+            dense_embeddings = self.prompt_encoder.mask_embed(
+                input_masks.reshape(mask_batch * mask_prompts, 1, *input_masks.shape[-2:])
+            )
+            dense_embeddings = dense_embeddings.reshape(mask_batch, mask_prompts, *dense_embeddings.shape[1:])
         point_label_embeddings = torch.cat(
             [self.prompt_encoder.point_embed[0].weight, self.prompt_encoder.point_embed[1].weight], dim=0
         )
@@ -705,6 +725,27 @@ class PASamModel(SamModel):
             mined_point_coords=mined_point_coords,
             mined_point_labels=adapter_output.mined_labels,
         )
+
+    def _check_input_masks(
+        self, input_masks: Tensor, batch_size: int, input_points: Tensor | None, input_boxes: Tensor | None
+    ) -> Tensor:
+        """Mask prompts as `(B, P, M, M)`: `(B, M, M)` and SAM's `(B, 1, M, M)` mean one mask per image."""
+        size = 4 * self.config.prompt_encoder_config.image_embedding_size
+        if input_masks.ndim == 3:
+            input_masks = input_masks.unsqueeze(1)
+        if input_masks.ndim != 4 or tuple(input_masks.shape[-2:]) != (size, size) or input_masks.shape[0] != batch_size:
+            raise ValueError(
+                f"input_masks must have shape (batch_size, point_batch_size, {size}, {size}) (one mask logit map per "
+                f"prompt) or (batch_size, 1, {size}, {size}) (one per image) with batch_size={batch_size}; got "
+                f"{tuple(input_masks.shape)}."
+            )
+        sparse = input_points if input_points is not None else input_boxes
+        if sparse is not None and input_masks.shape[1] not in (1, sparse.shape[1]):
+            raise ValueError(
+                f"input_masks has {input_masks.shape[1]} masks per image but there are {sparse.shape[1]} point/box "
+                "prompts per image; pass one mask per prompt or one per image."
+            )
+        return input_masks.to(self.prompt_encoder.mask_embed.conv1.weight.dtype)
 
     def adapter_state_dict_keys(self) -> list[str]:
         """Names of the parameters PA-SAM adds to SAM (guiding branch and prompt adapter)."""
