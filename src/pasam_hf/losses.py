@@ -65,7 +65,9 @@ def pasam_loss_components(
         labels (`torch.Tensor` of shape `(B, P, H, W)`): 1 foreground, 0 background, anything else ignored.
 
     Returns:
-        `dict` with `mask_bce`, `mask_dice`, `adapter_bce`, `adapter_dice`, `uncertainty_bce` (scalars).
+        `dict` with `mask_bce`, `mask_dice`, `adapter_bce`, `adapter_dice`, `uncertainty_bce` (scalars), each the
+        mean over the masks that have at least one labelled pixel (so padding prompts, labelled all-void, add
+        nothing).
     """
     if pred_masks.ndim != 5 or pred_masks.shape[2] != 1:
         raise ValueError(
@@ -96,12 +98,19 @@ def pasam_loss_components(
     uncertainty_bce = F.binary_cross_entropy(uncertainty_up, band, reduction="none")
     uncertainty_bce = (uncertainty_bce * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1e-8)
 
+    # Masks without a single labelled pixel (padding prompts in a batch) do not count in the means.
+    labelled = (valid.sum((-2, -1)) > 0).float()
+    num_labelled = labelled.sum().clamp_min(1.0)
+
+    def mean(per_mask: torch.Tensor) -> torch.Tensor:
+        return (per_mask * labelled).sum() / num_labelled
+
     return {
-        "mask_bce": sigmoid_bce(final, targets, valid).mean(),
-        "mask_dice": dice_loss(final, targets, valid).mean(),
-        "adapter_bce": (sigmoid_bce(coarse, targets, use_coarse) + sigmoid_bce(refined, targets, use_refined)).mean(),
-        "adapter_dice": (dice_loss(coarse, targets, use_coarse) + dice_loss(refined, targets, use_refined)).mean(),
-        "uncertainty_bce": uncertainty_bce.mean(),
+        "mask_bce": mean(sigmoid_bce(final, targets, valid)),
+        "mask_dice": mean(dice_loss(final, targets, valid)),
+        "adapter_bce": mean(sigmoid_bce(coarse, targets, use_coarse) + sigmoid_bce(refined, targets, use_refined)),
+        "adapter_dice": mean(dice_loss(coarse, targets, use_coarse) + dice_loss(refined, targets, use_refined)),
+        "uncertainty_bce": mean(uncertainty_bce),
     }
 
 
