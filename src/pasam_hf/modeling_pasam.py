@@ -786,6 +786,7 @@ class PASamModel(SamModel):
         pretrained_model_name_or_path: str,
         adapter_init: str = "zero",
         adapter_config: dict | None = None,
+        adapter: str | None = None,
         **kwargs,
     ) -> "PASamModel":
         """Load a SAM checkpoint (an HF `SamModel` repo id or directory) into a PA-SAM model.
@@ -800,6 +801,9 @@ class PASamModel(SamModel):
                 random initialisation, as the release does.
             adapter_config (`dict`, *optional*): adapter settings for [`PASamMaskDecoderConfig`], e.g.
                 `{"edge_mode": "rgb"}`.
+            adapter (`str`, *optional*): an adapter-only artifact (directory or Hub id written by
+                `pasam_hf.adapters.save_adapter`) to load on top of the SAM weights; its adapter settings are used
+                (an `adapter_config` entry that contradicts them raises) and `adapter_init` is ignored.
             kwargs: passed to `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
         """
         if adapter_init not in ("zero", "random"):
@@ -815,6 +819,18 @@ class PASamModel(SamModel):
                 f"{pretrained_model_name_or_path} holds a {sam_config.model_type!r} model, not SAM; "
                 "from_sam_pretrained takes SAM checkpoints (model_type 'sam')."
             )
+        if adapter is not None:
+            from .adapters import read_adapter_config
+
+            saved_settings = read_adapter_config(adapter, token=kwargs.get("token"))["adapter_settings"]
+            conflicts = {key: value for key, value in (adapter_config or {}).items()
+                         if key in saved_settings and saved_settings[key] != value}
+            if conflicts:
+                raise ValueError(
+                    f"adapter_config {conflicts} contradicts the settings adapter {adapter} was trained with "
+                    f"({ {key: saved_settings[key] for key in conflicts} }); drop them from adapter_config."
+                )
+            adapter_config = {**saved_settings, **(adapter_config or {})}
         config = PASamConfig.from_sam_config(sam_config, **(adapter_config or {}))
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
@@ -827,6 +843,11 @@ class PASamModel(SamModel):
                 f"{pretrained_model_name_or_path} is not a SAM checkpoint this model can load: "
                 f"missing {sorted(missing - adapter_keys)}, unexpected or mismatched {sorted(map(str, unexpected))}."
             )
+        if adapter is not None:
+            from .adapters import load_adapter
+
+            logger.info(f"Loaded SAM weights from {pretrained_model_name_or_path} and the PA-SAM adapter {adapter}.")
+            return load_adapter(model, adapter, token=kwargs.get("token"))
         logger.warning(
             f"Loaded SAM weights from {pretrained_model_name_or_path}; the {len(missing)} PA-SAM adapter tensors "
             f"(mask_decoder.guiding_conv.*, mask_decoder.prompt_adapter.*) are new and initialised "
