@@ -15,7 +15,9 @@ from transformers import (
     AutoProcessor,
 )
 
+from .adapters import load_adapter, save_adapter, trainable_parameter_names
 from .configuration_pasam import PASamConfig, PASamMaskDecoderConfig
+from .conversion import convert_checkpoint
 from .image_processing_pasam import (
     PASamImageProcessor,
     PASamImageProcessorPil,
@@ -55,4 +57,8 @@ __all__ = [
     "PASamModel",
     "PASamProcessor",
     "compute_adapter_pixel_values",
+    "convert_checkpoint",
+    "load_adapter",
+    "save_adapter",
+    "trainable_parameter_names",
 ]
