@@ -19,7 +19,9 @@ def boundary_width(height: int, width: int, dilation_ratio: float) -> int:
 def erode(masks: torch.Tensor, iterations: int, border_value: float = 0.0) -> torch.Tensor:
     """Binary erosion with a 3x3 square, `iterations` times, outside the image counted as `border_value`.
 
-    Iterating a 3x3 erosion `d` times equals one erosion by a `(2d+1)` square, which is one min-pool.
+    Iterating a 3x3 erosion `d` times equals one erosion by a `(2d+1)` square: a pixel survives when its whole
+    window is foreground. The window sums come from an integral image, O(1) per pixel whatever `d` (a min-pool
+    costs O(d^2) per pixel: minutes for a 2000x3000 mask at the metric's d = 72), and are exact integers.
 
     Args:
         masks (`torch.Tensor` of shape `(..., H, W)`): binary masks (bool or {0, 1}).
@@ -28,10 +30,14 @@ def erode(masks: torch.Tensor, iterations: int, border_value: float = 0.0) -> to
         `torch.Tensor` of the same shape, bool.
     """
     shape = masks.shape
-    flat = masks.reshape(-1, 1, *shape[-2:]).float()
-    padded = F.pad(flat, (iterations,) * 4, value=float(border_value))
-    eroded = -F.max_pool2d(-padded, kernel_size=2 * iterations + 1, stride=1)
-    return eroded.reshape(shape) > 0.5
+    side = 2 * iterations + 1
+    flat = masks.reshape(-1, *shape[-2:]).to(torch.int32)
+    padded = F.pad(flat, (iterations,) * 4, value=int(border_value))
+    integral = F.pad(padded.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    window = (
+        integral[:, side:, side:] - integral[:, :-side, side:] - integral[:, side:, :-side] + integral[:, :-side, :-side]
+    )
+    return (window == side * side).reshape(shape)
 
 
 def mask_to_boundary(masks: torch.Tensor, dilation_ratio: float = 0.02, border_value: float = 0.0) -> torch.Tensor:
