@@ -27,6 +27,8 @@ from transformers.models.sam.modeling_sam import (
     SamTwoWayTransformer,
     SamVisionEncoder,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam.modeling_sam import eager_attention_forward
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import TransformersKwargs, merge_with_config_defaults
@@ -148,6 +150,51 @@ def gumbel_top_k(scores: Tensor, k: int, tau: float = 1.0) -> tuple[Tensor, Tens
     return indices, 1.0 + (chosen - chosen.detach())
 
 
+class PASamAttention(SamAttention):
+    """[`SamAttention`] whose query or key/value side may be shared by all prompts of an image.
+
+    Inputs are `(B, P, n, C)` or `(B, 1, n, C)`. Each projection runs on what it is given, so image-side inputs
+    that are the same for every prompt (the image tokens before the first two-way block has updated them) are
+    projected once per image instead of once per prompt; only the projected tensors are broadcast to the `P`
+    prompts. The attention itself goes through the configured attention interface, as in [`SamAttention`].
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_similarity: Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[Tensor, Tensor | None]:
+        query = self.q_proj(query)
+        key = self.k_proj(key)
+        value = self.v_proj(value)
+
+        batch_size = query.shape[0]
+        point_batch_size = max(query.shape[1], key.shape[1])
+        query = self._separate_heads(query.expand(batch_size, point_batch_size, -1, -1), self.num_attention_heads)
+        key = self._separate_heads(key.expand(batch_size, point_batch_size, -1, -1), self.num_attention_heads)
+        value = self._separate_heads(value.expand(batch_size, point_batch_size, -1, -1), self.num_attention_heads)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask=attention_similarity,
+            dropout=0.0,
+            scaling=self.scaling,
+            is_causal=self.is_causal,
+            **kwargs,
+        )
+        attn_output = self._recombine_heads(attn_output, point_batch_size)
+        return self.out_proj(attn_output), attn_weights
+
+
 class PASamPromptAdapter(nn.Module):
     """The prompt adapter: dense prompt compensation, uncertainty-guided token refinement and hard point mining.
 
@@ -164,9 +211,9 @@ class PASamPromptAdapter(nn.Module):
         self.static_refined_token = nn.Embedding(1, hidden_size)
         self.uncertain_mlp = SamFeedForward(2 * hidden_size, hidden_size // 4, hidden_size, 3)
         self.refined_mlp = SamFeedForward(2 * hidden_size, hidden_size // 4, hidden_size, 3)
-        self.cross_attn_token_to_image = SamAttention(config, downsample_rate=config.attention_downsample_rate)
+        self.cross_attn_token_to_image = PASamAttention(config, downsample_rate=config.attention_downsample_rate)
         if config.consistency_module == "cross_attention":
-            self.consistency_attn = SamAttention(config, downsample_rate=config.attention_downsample_rate)
+            self.consistency_attn = PASamAttention(config, downsample_rate=config.attention_downsample_rate)
 
     def guide(self, guiding_embedding: Tensor, keys: Tensor, key_point_embedding: Tensor) -> Tensor:
         """Consistency module: combine the guiding embedding `G0` `(B, 1, N, C)` with the keys `(B, P, N, C)`."""
@@ -193,9 +240,9 @@ class PASamPromptAdapter(nn.Module):
         r"""
         Args:
             queries (`torch.Tensor` of shape `(B, P, T, C)`): the block's tokens after `layer_norm1`.
-            keys (`torch.Tensor` of shape `(B, P, N, C)`): the image tokens entering the block.
+            keys (`torch.Tensor` of shape `(B, P, N, C)` or `(B, 1, N, C)`): the image tokens entering the block.
             query_point_embedding (`torch.Tensor` of shape `(B, P, T, C)`): the tokens' positional embedding.
-            key_point_embedding (`torch.Tensor` of shape `(B, P, N, C)`): the image positional embedding.
+            key_point_embedding (`torch.Tensor` of shape `(B, 1, N, C)`): the image positional embedding.
             guiding_embedding (`torch.Tensor` of shape `(B, 1, N, C)`): `G0` from the guiding branch.
             point_label_embeddings (`torch.Tensor` of shape `(2, C)`): the prompt encoder's negative and positive
                 point embeddings (`point_embed[0]`, `point_embed[1]`).
@@ -217,12 +264,12 @@ class PASamPromptAdapter(nn.Module):
             torch.cat([self.static_refined_token.weight.expand_as(first_mask_token), first_mask_token], dim=-1)
         )
 
-        def project(token: Tensor) -> Tensor:
-            return torch.einsum("bpc,bpnc->bpn", token, guided_keys)
-
-        coarse = project(first_mask_token)
-        refined = project(refined_token)
-        uncertainty = torch.sigmoid(project(uncertain_token))
+        # The three maps in one batched matmul: guided_keys, the largest tensor here, is read once.
+        projected = torch.stack([first_mask_token, refined_token, uncertain_token], dim=2) @ guided_keys.transpose(
+            -1, -2
+        )
+        coarse, refined, uncertainty = projected.unbind(dim=2)
+        uncertainty = torch.sigmoid(uncertainty)
         # The selection itself carries no gradient; each branch gets gradient only where it is selected.
         pa_mask = torch.where(uncertainty.detach() >= 0.5, refined, coarse)
 
@@ -244,8 +291,11 @@ class PASamPromptAdapter(nn.Module):
                 weights = None
             mined_indices = torch.cat([positive, negative], dim=-1)
             gather_index = mined_indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            content = torch.gather(keys + guided_keys, 2, gather_index)
-            position = torch.gather(key_point_embedding.expand_as(keys), 2, gather_index)
+            # Gather first, then add: only the 2k mined cells of `keys + guided_keys` are ever needed.
+            per_prompt = (batch_size, point_batch_size, -1, -1)
+            content = torch.gather(keys.expand(per_prompt), 2, gather_index)
+            content = content + torch.gather(guided_keys.expand(per_prompt), 2, gather_index)
+            position = torch.gather(key_point_embedding.expand(per_prompt), 2, gather_index)
             if weights is not None:
                 content = content * weights
                 position = position * weights
@@ -275,7 +325,18 @@ class PASamPromptAdapter(nn.Module):
 
 class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
     """SAM's two-way block; when given the prompt adapter, it runs it between the token-to-image attention and its
-    residual add, exactly where the release does."""
+    residual add, exactly where the release does.
+
+    Image tokens are `(B, P, N, C)`, or `(B, 1, N, C)` while they are still the same for every prompt (entering
+    the first block); the image positional embedding is always `(B, 1, N, C)`. [`PASamAttention`] projects such
+    shared inputs once per image.
+    """
+
+    def __init__(self, config, attention_downsample_rate: int = 2, skip_first_layer_pe: bool = False):
+        super().__init__(config, attention_downsample_rate=attention_downsample_rate, skip_first_layer_pe=skip_first_layer_pe)
+        self.self_attn = PASamAttention(config, downsample_rate=1)
+        self.cross_attn_token_to_image = PASamAttention(config, downsample_rate=attention_downsample_rate)
+        self.cross_attn_image_to_token = PASamAttention(config, downsample_rate=attention_downsample_rate)
 
     def forward(
         self,
@@ -313,13 +374,11 @@ class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
             query=query, key=key, value=keys, attention_similarity=attention_similarity
         )
 
-        batch_size, point_batch_size = queries.shape[:2]
-        grid = keys.shape[-2:]
         adapter_output = prompt_adapter(
             queries=queries,
-            keys=keys.reshape(batch_size, point_batch_size, *grid),
+            keys=keys,
             query_point_embedding=query_point_embedding,
-            key_point_embedding=key_point_embedding.reshape(batch_size, point_batch_size, *grid),
+            key_point_embedding=key_point_embedding,
             **adapter_kwargs,
         )
         num_new_tokens = adapter_output.attention_output.shape[2] - attn_out.shape[2]
@@ -328,7 +387,7 @@ class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
             attn_out = F.pad(attn_out, (0, 0, 0, num_new_tokens))
             queries = F.pad(queries, (0, 0, 0, num_new_tokens))
         attn_out = attn_out + adapter_output.attention_output
-        keys = keys + adapter_output.guided_keys.reshape(keys.shape)
+        keys = keys + adapter_output.guided_keys
         query_point_embedding = adapter_output.query_point_embedding
 
         queries = self.layer_norm2(queries + attn_out)
@@ -351,6 +410,7 @@ class PASamTwoWayTransformer(SamTwoWayTransformer):
         self.layers = nn.ModuleList(
             [PASamTwoWayAttentionBlock(config, skip_first_layer_pe=(i == 0)) for i in range(self.num_hidden_layers)]
         )
+        self.final_attn_token_to_image = PASamAttention(config, downsample_rate=config.attention_downsample_rate)
 
     def forward(
         self,
@@ -363,7 +423,19 @@ class PASamTwoWayTransformer(SamTwoWayTransformer):
         adapter_kwargs: dict | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[Tensor, Tensor, PASamPromptAdapterOutput | None]:
-        image_embeddings = image_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
+        r"""
+        Args:
+            point_embeddings (`torch.Tensor` of shape `(B, P, T, C)`): the output and prompt tokens.
+            image_embeddings (`torch.Tensor` of shape `(B, P, C, h, w)` or `(B, 1, C, h, w)`): the image embedding
+                plus the dense prompt, per prompt or shared by all prompts of an image (no per-prompt mask).
+            image_positional_embeddings (`torch.Tensor` of shape `(B, C, h, w)`): dense positional encoding.
+
+        Returns:
+            `(queries (B, P, T', C), keys (B, P, N, C), adapter_output)`.
+        """
+        # Shared inputs stay un-repeated: the first block projects them once per image, and its residual adds
+        # broadcast them to the prompts.
+        image_embeddings = image_embeddings.flatten(3).transpose(2, 3)
         image_positional_embeddings = image_positional_embeddings.flatten(2).transpose(1, 2).unsqueeze(1)
 
         queries = point_embeddings
@@ -455,14 +527,12 @@ class PASamMaskDecoder(SamMaskDecoder):
         guiding_embedding = self.guiding_conv(adapter_pixel_values.to(self.iou_token.weight.dtype))
         guiding_embedding = guiding_embedding.flatten(2).transpose(1, 2).unsqueeze(1)
 
+        # Not repeated per prompt (SAM repeats both): the transformer broadcasts what all prompts share.
         if dense_prompt_embeddings.ndim == 5:
             # One mask prompt per prompt (B, P or 1, C, h, w), e.g. noisy-mask prompts in training.
             image_embeddings = image_embeddings.unsqueeze(1) + dense_prompt_embeddings
-            image_embeddings = image_embeddings.expand(-1, point_batch_size, -1, -1, -1).flatten(0, 1)
         else:
-            image_embeddings = image_embeddings + dense_prompt_embeddings
-            image_embeddings = image_embeddings.repeat_interleave(point_batch_size, 0)
-        image_positional_embeddings = image_positional_embeddings.repeat_interleave(point_batch_size, 0)
+            image_embeddings = (image_embeddings + dense_prompt_embeddings).unsqueeze(1)
 
         point_embedding, image_embeddings, adapter_output = self.transformer(
             point_embeddings=point_embeddings,
