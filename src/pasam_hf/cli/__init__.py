@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "pasam_hf.cli.generate",
     "pasam_hf.cli.convert",
     "pasam_hf.cli.train",
+    "pasam_hf.cli.cache",
     "pasam_hf.cli.evaluate",
     "pasam_hf.cli.benchmark",
 )

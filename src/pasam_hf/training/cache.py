@@ -1,0 +1,207 @@
+"""Embedding cache: the image encoder is frozen during PA-SAM fine-tuning, so its output for an augmented view never
+changes. Computing it once per view and training the decoder from the cache removes the encoder (about 90% of a
+training step's compute with ViT-B, more with ViT-L/H) from every step.
+
+Layout of a cache directory:
+
+- `cache.json`: format version, the encoder fingerprint, input sizes, and one entry per view (`name`, `view`,
+  `shard`, `key`);
+- `shard_00000.safetensors`, ...: per view `<key>.image_embeddings` `(C, h, w)` (float16 by default),
+  `<key>.adapter_pixel_values` `(4, A, A)` and `<key>.labels` `(K, S, S)` uint8 (1 foreground, 0 background,
+  255 ignored).
+
+Prompts are not cached: they are drawn from the labels at training time, as without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..modeling_pasam import PASamModel
+from ..processing_pasam import PASamProcessor
+
+CACHE_FORMAT = 1
+INDEX_FILE = "cache.json"
+
+
+class EmbeddingCacheError(ValueError):
+    """The cache is missing, incomplete or was made with another image encoder."""
+
+
+def encoder_fingerprint(model: PASamModel) -> str:
+    """A short hash of the image encoder's configuration and weights: a cache is valid only for the same encoder."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.vision_config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.vision_encoder.state_dict().items()):
+        digest.update(name.encode())
+        # A few statistics per tensor are enough to tell checkpoints apart without hashing gigabytes.
+        values = tensor.detach().float().flatten()
+        stride = max(1, values.numel() // 64)
+        digest.update(torch.stack([values.sum(), values.abs().sum(), values[::stride].sum()]).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def build_embedding_cache(
+    model: PASamModel,
+    processor: PASamProcessor,
+    records: Iterable,
+    output_dir: str | os.PathLike,
+    *,
+    views_per_image: int = 4,
+    augment: bool = True,
+    seed: int = 0,
+    batch_size: int = 4,
+    shard_size: int = 64,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> Path:
+    """Encode `views_per_image` augmented views of every record and write them to `output_dir`.
+
+    The views are those [`PASamTrainingDataset`] produces for epochs `0 .. views_per_image - 1` with `seed`, so a
+    cached run sees the same augmentations a run with the encoder would see in its first epochs. The directory is
+    written under a temporary name and renamed when complete, so an interrupted build leaves no half cache.
+
+    Returns:
+        `Path` of the cache directory.
+    """
+    from ..data import PASamTrainingDataset
+
+    if views_per_image < 1:
+        raise ValueError(f"views_per_image must be >= 1, got {views_per_image}.")
+    output_dir = Path(output_dir)
+    if (output_dir / INDEX_FILE).exists():
+        raise EmbeddingCacheError(f"{output_dir} already holds an embedding cache; remove it or choose another --out.")
+    staging = output_dir.with_name(output_dir.name + ".incomplete")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    model.eval()
+    device = next(model.parameters()).device
+    dataset = PASamTrainingDataset(records, processor, augment=augment, seed=seed)
+    entries: list[dict] = []
+    shard: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    bar = tqdm(total=views_per_image * len(dataset), disable=not progress, desc="caching embeddings", unit="view")
+
+    def flush() -> None:
+        if shard:
+            shard_index = entries[-1]["shard"]
+            save_file(shard, str(staging / f"shard_{shard_index:05d}.safetensors"))
+            shard.clear()
+
+    for view in range(views_per_image):
+        dataset.set_epoch(view)
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
+            good = []
+            for item in items:
+                if "labels" in item and "pixel_values" in item:
+                    good.append(item)
+                else:
+                    skipped.append(str(item.get("name")))
+            bar.update(len(items))
+            if not good:
+                continue
+            pixel_values = torch.stack([item["pixel_values"] for item in good]).to(device, model.dtype)
+            embeddings = model.get_image_embeddings(pixel_values).to("cpu", dtype)
+            for item, embedding in zip(good, embeddings):
+                key = str(len(entries))
+                shard_index = len(entries) // shard_size
+                shard[f"{key}.image_embeddings"] = embedding.contiguous()
+                shard[f"{key}.adapter_pixel_values"] = item["adapter_pixel_values"].to(dtype).contiguous()
+                shard[f"{key}.labels"] = item["labels"].to(torch.uint8).contiguous()
+                entries.append({"name": item["name"], "view": view, "shard": shard_index, "key": key})
+                if len(entries) % shard_size == 0:
+                    flush()
+    flush()
+    bar.close()
+    if not entries:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise EmbeddingCacheError("no usable sample to cache: every record was unreadable or had no object mask.")
+    index = {
+        "format": CACHE_FORMAT,
+        "encoder_fingerprint": encoder_fingerprint(model),
+        "image_size": model.config.vision_config.image_size,
+        "views_per_image": views_per_image,
+        "seed": seed,
+        "augment": augment,
+        "dtype": str(dtype).removeprefix("torch."),
+        "skipped": skipped,
+        "entries": entries,
+    }
+    (staging / INDEX_FILE).write_text(json.dumps(index))
+    if output_dir.exists():
+        output_dir.rmdir()  # an empty directory the user created; anything else was refused above
+    os.replace(staging, output_dir)
+    return output_dir
+
+
+class EmbeddingCacheDataset(Dataset):
+    """Items of a cache written by [`build_embedding_cache`]: dicts with `image_embeddings` `(C, h, w)`,
+    `adapter_pixel_values` `(4, A, A)` (float32), `labels` `(K, S, S)` uint8 and `name`, as
+    [`PASamDataCollator`] takes them."""
+
+    def __init__(self, cache_dir: str | os.PathLike, model: PASamModel | None = None):
+        self.cache_dir = Path(cache_dir)
+        index_path = self.cache_dir / INDEX_FILE
+        if not index_path.is_file():
+            raise EmbeddingCacheError(
+                f"{self.cache_dir} is not an embedding cache (no {INDEX_FILE}); build one with `pasam cache`."
+            )
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != CACHE_FORMAT:
+            raise EmbeddingCacheError(
+                f"{self.cache_dir} is a cache of format {self.index.get('format')}, this version reads "
+                f"{CACHE_FORMAT}; rebuild it with `pasam cache`."
+            )
+        if model is not None:
+            self.check_model(model)
+        self.entries = self.index["entries"]
+        self._handles: dict[int, object] = {}
+
+    def check_model(self, model: PASamModel) -> None:
+        """Refuse to train a model whose image encoder is not the one that made the cache."""
+        if encoder_fingerprint(model) != self.index["encoder_fingerprint"]:
+            raise EmbeddingCacheError(
+                f"the embedding cache {self.cache_dir} was made with another image encoder than the model being "
+                "trained; rebuild it with `pasam cache --model <the same model>`."
+            )
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        handle = self._handles.get(entry["shard"])
+        if handle is None:
+            # One memory-mapped handle per shard and worker process.
+            handle = safe_open(str(self.cache_dir / f"shard_{entry['shard']:05d}.safetensors"), framework="pt")
+            self._handles[entry["shard"]] = handle
+        key = entry["key"]
+        return {
+            "image_embeddings": handle.get_tensor(f"{key}.image_embeddings").float(),
+            "adapter_pixel_values": handle.get_tensor(f"{key}.adapter_pixel_values").float(),
+            "labels": handle.get_tensor(f"{key}.labels"),
+            "name": entry["name"],
+        }
+
+    def __getstate__(self) -> dict:
+        # File handles do not cross into DataLoader worker processes; each worker opens its own.
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+
+__all__ = ["EmbeddingCacheDataset", "EmbeddingCacheError", "build_embedding_cache", "encoder_fingerprint"]

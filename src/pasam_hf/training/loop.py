@@ -1,0 +1,423 @@
+"""The PA-SAM fine-tuning loop, written to be read top to bottom (in the spirit of transformers'
+`examples/pytorch/*_no_trainer.py`): Accelerate for devices, processes and mixed precision; the release's recipe for
+what is trained and how (reference sections 5-6); atomic checkpoints with exact resume; bad samples and non-finite
+losses reported instead of crashing the run.
+
+Entry points: [`train`] (Python), `pasam train` (CLI) and `accelerate launch examples/finetune.py` (script).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from ..adapters import save_adapter, trainable_parameter_names
+from ..data import BadSampleTracker, PASamDataCollator, PASamTrainingDataset, PromptSimulator, load_records
+from ..loading import load_model_and_processor
+from ..modeling_pasam import PASamModel
+from ..processing_pasam import PASamProcessor
+from .arguments import TrainingArguments
+from .checkpointing import CheckpointManager, TrainerState
+
+logger = logging.getLogger(__name__)
+
+# Model inputs a training batch may carry; everything else in a batch (names, skipped samples) is bookkeeping.
+MODEL_INPUTS = ("adapter_pixel_values", "input_boxes", "input_points", "input_labels", "input_masks", "labels")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss stayed non-finite for too many consecutive steps; the last good checkpoint is kept as it was."""
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run reports: steps done, loss history (one value per optimizer step) and data problems."""
+
+    global_step: int
+    epochs_completed: int
+    losses: list[float] = field(default_factory=list)
+    nonfinite_steps: int = 0
+    bad_samples: list[dict[str, str]] = field(default_factory=list)
+    output_dir: str = ""
+    last_checkpoint: str | None = None
+
+
+def mark_trainable(model: PASamModel) -> list[str]:
+    """Freeze everything but the release's trained set (adapter, guiding branch, upscaling, hypernetwork MLPs,
+    mask tokens); returns the names of the parameters that get gradients.
+
+    The loss sees only the first mask (single-mask training, as released), so the hypernetwork MLPs of the three
+    other masks never get a gradient: they stay frozen too, which keeps DDP from waiting for their gradients
+    (the release's optimizer never moved them either).
+    """
+    unused = tuple(
+        f"mask_decoder.output_hypernetworks_mlps.{index}." for index in range(1, model.config.mask_decoder_config.num_multimask_outputs + 1)
+    )
+    names = {name for name in trainable_parameter_names(model) if not name.startswith(unused)}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in names)
+    return sorted(names)
+
+
+def batch_seed(seed: int, epoch: int, batch_index: int, process_index: int) -> int:
+    """Seed of one batch's random prompts: a function of where the batch is, so a resumed run draws the same."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch_index * 101 + process_index) % (2**63 - 1)
+
+
+def _trackers_config(args: TrainingArguments) -> dict[str, Any]:
+    # TensorBoard's hparams take only scalars and strings.
+    return {k: v for k, v in dataclasses.asdict(args).items() if isinstance(v, (int, float, str, bool))}
+
+
+def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamProcessor, records: Iterable | None):
+    if args.embedding_cache is not None:
+        from .cache import EmbeddingCacheDataset
+
+        return EmbeddingCacheDataset(args.embedding_cache, model=model)
+    if records is None:
+        records = load_records(
+            args.data,
+            split=args.split,
+            image_column=args.image_column,
+            mask_column=args.mask_column,
+            void_value=args.void_value,
+            instance_mode=args.instance_mode,
+            streaming=args.streaming,
+        )
+    return PASamTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
+
+
+def _keep_items(items: list) -> list:
+    # The DataLoader only batches items; prompts are drawn in the main process (see batch_seed).
+    return items
+
+
+def train(
+    args: TrainingArguments,
+    model: PASamModel | None = None,
+    processor: PASamProcessor | None = None,
+    train_records: Iterable | None = None,
+    eval_records: Iterable | None = None,
+) -> TrainingResult:
+    """Fine-tune PA-SAM as configured by `args` and save the result in `args.output_dir`.
+
+    `model`, `processor` and `train_records` / `eval_records` (iterables of `SegmentationRecord`) may be given
+    directly instead of `args.model` / `args.data` / `args.eval_data` (the offline demo does).
+    """
+    output_dir = Path(args.output_dir)
+    # ---------------------------------------------------------------------------------------------------------
+    # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers.
+    # ---------------------------------------------------------------------------------------------------------
+    report_to = None if args.report_to in ("none", "") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # The sampler's shuffle is a function of (seed, epoch), so a resumed epoch replays the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if report_to is not None:
+        accelerator.init_trackers("pasam", config=_trackers_config(args))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # 2. Model: SAM or PA-SAM checkpoint; only the release's trained set gets gradients.
+    # ---------------------------------------------------------------------------------------------------------
+    if model is None:
+        if args.model is None:
+            raise ValueError("no model to fine-tune: pass --model (a PA-SAM or SAM checkpoint, Hub id or directory).")
+        model, processor = load_model_and_processor(args.model)
+    elif processor is None:
+        processor = PASamProcessor.from_model_config(model.config)
+    trainable_names = mark_trainable(model)
+    model.train()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # 3. Data: records -> augmented views (workers) -> prompts drawn per batch (main process).
+    # ---------------------------------------------------------------------------------------------------------
+    dataset = _build_dataset(args, model, processor, train_records)
+    streamed = isinstance(dataset, IterableDataset)
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=not streamed,
+        collate_fn=_keep_items,
+        num_workers=args.num_workers,
+    )
+    prompt_generator = torch.Generator()
+    collator = PASamDataCollator(
+        PromptSimulator(
+            preset=args.prompt_preset,
+            num_points=args.num_points,
+            num_negative_points=args.num_negative_points,
+            generator=prompt_generator,
+        ),
+        max_instances_per_image=args.max_instances_per_image,
+    )
+    bad_samples = BadSampleTracker(max_fraction=args.max_bad_fraction)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # 4. Optimizer and schedule: Adam, learning rate x gamma every `lr_decay_epochs` epochs (release: 10, 0.1).
+    # ---------------------------------------------------------------------------------------------------------
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    if streamed:
+        batches_per_epoch = args.steps_per_epoch * args.gradient_accumulation_steps if args.steps_per_epoch else None
+    else:
+        batches_per_epoch = len(dataloader)
+    steps_per_epoch = (
+        math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if batches_per_epoch else args.max_steps
+    )
+    # StepLR counts optimizer steps here (not epochs) so the decay lands mid-epoch correctly after a resume; it is
+    # not passed to accelerator.prepare, which would step it once per process.
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(1, args.lr_decay_epochs * steps_per_epoch), gamma=args.lr_decay_gamma
+    )
+    accelerator.register_for_checkpointing(scheduler)
+    total_steps = args.max_steps or steps_per_epoch * args.num_epochs
+    unwrapped: PASamModel = accelerator.unwrap_model(model)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # 5. Resume: trained weights, optimizer, schedule, RNG and the position in the epoch.
+    # ---------------------------------------------------------------------------------------------------------
+    checkpoints = CheckpointManager(accelerator, args.checkpoint_dir, trainable_names, keep=args.keep_checkpoints)
+    state = TrainerState()
+    if args.resume:
+        for leftover in checkpoints.remove_incomplete():
+            accelerator.print(f"removed the interrupted checkpoint {leftover}")
+        path = checkpoints.resolve(args.resume)
+        state = checkpoints.load(path)
+        accelerator.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
+    result = TrainingResult(global_step=state.global_step, epochs_completed=state.epoch, output_dir=str(output_dir))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # 6. Train.
+    # ---------------------------------------------------------------------------------------------------------
+    progress = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        disable=not (args.progress and accelerator.is_local_main_process),
+        desc="fine-tuning PA-SAM",
+        unit="step",
+    )
+    running_loss = torch.zeros((), device=accelerator.device)
+    running_count = 0
+    started = time.perf_counter()
+    try:
+        while state.global_step < total_steps and state.epoch < args.num_epochs:
+            epoch = state.epoch
+            # Hard point mining starts after the warm-up (release: epoch 5).
+            unwrapped.set_point_mining(epoch >= args.point_mining_warmup_epochs)
+            if hasattr(dataloader, "set_epoch"):
+                dataloader.set_epoch(epoch)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            epoch_loader = dataloader
+            if state.batches_in_epoch:
+                epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            for items in epoch_loader:
+                batch_index = state.batches_in_epoch
+                state.batches_in_epoch += 1
+                seed = batch_seed(args.seed, epoch, batch_index, accelerator.process_index)
+                prompt_generator.manual_seed(seed)
+                # The Gumbel noise of point mining comes from torch's global RNG (on the model's device), which a
+                # resumed run reaches in another state (skip_first_batches draws a DataLoader base seed from it):
+                # re-seed it per batch so a resumed run draws exactly the noise of an uninterrupted one.
+                torch.manual_seed(seed ^ 0x5DEECE66D)
+                batch = collator(items)
+                bad_samples.update(batch)
+                loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
+                if loss is None:
+                    # Non-finite loss on some process: every process skipped this step together.
+                    state.nonfinite_steps += 1
+                    state.consecutive_nonfinite_steps += 1
+                    accelerator.print(
+                        f"step {state.global_step}: non-finite loss, step skipped "
+                        f"({state.consecutive_nonfinite_steps} in a row, limit {args.max_nonfinite_steps})"
+                    )
+                    if state.consecutive_nonfinite_steps >= args.max_nonfinite_steps:
+                        raise TrainingDivergedError(
+                            f"the loss was NaN/inf for {state.consecutive_nonfinite_steps} steps in a row at step "
+                            f"{state.global_step}; training stopped and the last good checkpoint "
+                            f"({checkpoints.latest() or 'none yet'}) is intact. Lower --learning-rate, use "
+                            "--mixed-precision bf16 instead of fp16, or check the data; then --resume."
+                        )
+                    continue
+                running_loss += loss
+                running_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                # One optimizer step done (after gradient accumulation).
+                state.consecutive_nonfinite_steps = 0
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                state.global_step += 1
+                step_loss = accelerator.gather(running_loss / max(running_count, 1)).mean().item()
+                running_loss.zero_()
+                running_count = 0
+                result.losses.append(step_loss)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
+                if state.global_step % args.log_every == 0 or state.global_step == 1:
+                    accelerator.log(
+                        {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0], "train/epoch": epoch},
+                        step=state.global_step,
+                    )
+                if state.global_step % args.checkpoint_every == 0:
+                    result.last_checkpoint = str(checkpoints.save(state))
+                if state.global_step >= total_steps:
+                    break
+            else:
+                # The epoch ran to its end: report its data problems, evaluate, move on.
+                _end_of_epoch(accelerator, bad_samples, state, result)
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if eval_records is not None or args.eval_data is not None:
+                    _evaluate(accelerator, unwrapped, processor, args, eval_records, state)
+                    unwrapped.train()
+                continue
+            break
+    except KeyboardInterrupt:
+        # Keep what was learnt: an interrupted run resumes from here with --resume.
+        if state.global_step > 0:
+            result.last_checkpoint = str(checkpoints.save(state))
+            accelerator.print(f"interrupted: progress saved to {result.last_checkpoint}; continue with --resume")
+        raise
+    finally:
+        progress.close()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # 7. Save: a last checkpoint, the full model + processor (loadable with from_pretrained), the adapter alone.
+    # ---------------------------------------------------------------------------------------------------------
+    result.global_step = state.global_step
+    result.epochs_completed = state.epoch
+    result.nonfinite_steps = state.nonfinite_steps
+    result.bad_samples = bad_samples.summary().get("samples", []) if hasattr(bad_samples, "summary") else []
+    result.last_checkpoint = str(checkpoints.save(state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        save_adapter(unwrapped, output_dir / "adapter")
+        seconds = time.perf_counter() - started
+        accelerator.print(
+            f"done: {state.global_step} steps in {seconds:.0f} s; model in {output_dir}, adapter in "
+            f"{output_dir / 'adapter'}"
+        )
+        if args.push_to_hub:
+            _push_to_hub(output_dir, args)
+    accelerator.end_training()
+    return result
+
+
+def _training_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    unwrapped: PASamModel,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any] | None,
+    args: TrainingArguments,
+) -> torch.Tensor | None:
+    """One forward/backward under gradient accumulation. Returns the detached loss, or `None` when the loss was
+    not finite on some process (then no process steps, so the processes stay in sync)."""
+    usable = batch is not None and "labels" in batch
+    with accelerator.accumulate(model):
+        if usable:
+            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+            image_embeddings = batch.get("image_embeddings")
+            if image_embeddings is None:
+                # The image encoder is frozen: run it without autograd (and without DDP's wrapper).
+                with torch.no_grad(), accelerator.autocast():
+                    image_embeddings = unwrapped.get_image_embeddings(batch["pixel_values"])
+            outputs = model(image_embeddings=image_embeddings, multimask_output=False, **inputs)
+            loss = outputs.loss
+            finite = torch.isfinite(loss.detach()).reshape(1)
+        else:
+            # All samples of this batch were bad: take part in the collective check, contribute nothing.
+            loss = None
+            finite = torch.ones(1, dtype=torch.bool, device=accelerator.device)
+        if not bool(accelerator.gather(finite).all()):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        if loss is None:
+            return torch.zeros((), device=accelerator.device)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _end_of_epoch(accelerator: Accelerator, tracker: BadSampleTracker, state: TrainerState, result) -> None:
+    summary = tracker.summary()
+    reports = gather_object([summary])
+    bad = sum(report.get("bad", 0) for report in reports)
+    seen = sum(report.get("seen", 0) for report in reports)
+    state.bad_samples += bad
+    state.samples_seen += seen
+    if bad:
+        names = [sample for report in reports for sample in report.get("samples", [])]
+        shown = ", ".join(f"{s.get('name')} ({s.get('reason')})" for s in names[:10])
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        accelerator.print(f"epoch {state.epoch}: skipped {bad} of {seen} samples that could not be used: {shown}{more}")
+    if hasattr(tracker, "reset"):
+        tracker.reset()
+
+
+def _evaluate(accelerator, model, processor, args, eval_records, state) -> None:
+    from ..evaluation import evaluate_model
+
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    if eval_records is None:
+        eval_records = load_records(
+            args.eval_data,
+            split=args.eval_split,
+            image_column=args.image_column,
+            mask_column=args.mask_column,
+            void_value=args.void_value,
+            instance_mode=args.instance_mode,
+        )
+    model.eval()
+    metrics = evaluate_model(model, processor, eval_records, progress=False)
+    summary = metrics.summary()
+    accelerator.print(f"epoch {state.epoch - 1} evaluation: {summary}")
+    accelerator.log({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=state.global_step)
+    accelerator.wait_for_everyone()
+
+
+def _push_to_hub(output_dir: Path, args: TrainingArguments) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(args.push_to_hub, private=args.hub_private, exist_ok=True)
+    if args.hub_revision:
+        api.create_branch(args.push_to_hub, branch=args.hub_revision, exist_ok=True)
+    api.upload_folder(
+        repo_id=args.push_to_hub,
+        folder_path=str(output_dir),
+        revision=args.hub_revision,
+        ignore_patterns=["checkpoints/*", "logs/*"],
+        commit_message="Upload PA-SAM fine-tuned with pasam-hf",
+    )
+
+
+__all__ = ["TrainingDivergedError", "TrainingResult", "batch_seed", "mark_trainable", "train"]
