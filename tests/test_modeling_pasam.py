@@ -404,3 +404,73 @@ def test_labels_give_a_loss_and_require_single_mask(model: PASamModel) -> None:
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     with pytest.raises(ValueError, match="multimask_output=False"):
         model(pixel_values=_pixels(), input_boxes=_boxes(), labels=labels, multimask_output=True)
+
+
+def _reference_gumbel_top_k(scores: torch.Tensor, noise: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec section 4.6, training: one Gumbel sample, k softmax rounds each followed by adding log(max(1 - p, tiny)),
+    hard top-k of the summed softmaxes, straight-through weight `hard - g.detach() + g`."""
+    logits = scores + noise
+    total = torch.zeros_like(scores)
+    for _ in range(k):
+        p = torch.softmax(logits, dim=-1)
+        total = total + p
+        logits = logits + torch.log(torch.clamp(1 - p, min=torch.finfo(scores.dtype).tiny))
+    cells = total.topk(k).indices
+    hard = torch.zeros_like(total).scatter(-1, cells, 1.0)
+    weights = (hard - total.detach() + total)[cells]
+    return cells, weights
+
+
+def test_adapter_training_gradients_match_spec_rederivation(model: PASamModel) -> None:
+    """Training mode (Gumbel top-k, straight-through weights on the whole mined token: content and position with
+    its label embedding): the gradients of every adapter tensor equal those of the spec written out by hand."""
+    adapter = model.mask_decoder.prompt_adapter.train()
+    config = model.config.mask_decoder_config
+    g = torch.Generator().manual_seed(5)
+    tokens, channels, n, k = 7, config.hidden_size, EMBED * EMBED, config.num_mined_points
+    queries = torch.randn(1, 1, tokens, channels, generator=g)
+    query_pe = torch.randn(1, 1, tokens, channels, generator=g)
+    keys = torch.randn(1, 1, n, channels, generator=g)
+    key_pe = model.get_image_wide_positional_embeddings().flatten(2).transpose(1, 2).unsqueeze(1).detach()
+    g0 = torch.randn(1, 1, n, channels, generator=g)
+    point_embed = torch.cat(
+        [model.prompt_encoder.point_embed[0].weight, model.prompt_encoder.point_embed[1].weight]
+    ).detach()
+    probe_a = torch.randn(1, 1, tokens + 2 * k, channels, generator=g)
+    probe_pe = torch.randn(1, 1, tokens + 2 * k, channels, generator=g)
+    parameters = [p for p in adapter.parameters() if p.requires_grad]
+
+    torch.manual_seed(11)
+    out = adapter(
+        queries=queries, keys=keys, query_point_embedding=query_pe, key_point_embedding=key_pe,
+        guiding_embedding=g0, point_label_embeddings=point_embed, mine_points=True, embedding_size=(EMBED, EMBED),
+    )
+    ours = torch.autograd.grad(
+        (out.attention_output * probe_a).sum() + (out.query_point_embedding * probe_pe).sum(), parameters
+    )
+
+    # The module draws its Gumbel noise as -log(Exponential(1)), positives first: draw the same two samples.
+    torch.manual_seed(11)
+    noise_pos = -torch.empty(n).exponential_().log()
+    noise_neg = -torch.empty(n).exponential_().log()
+    q, kk, qpe, kpe, gg = queries[0, 0], keys[0, 0], query_pe[0, 0], key_pe[0, 0], g0[0, 0]
+    gk = gg * kk
+    a = _attention(q + qpe, gk + kpe, gk, adapter.cross_attn_token_to_image, config.num_attention_heads)
+    t0 = a[1]
+    u = _mlp(torch.cat([adapter.static_uncertain_token.weight[0], t0]), adapter.uncertain_mlp)
+    r = _mlp(torch.cat([adapter.static_refined_token.weight[0], t0]), adapter.refined_mlp)
+    coarse, refined, unc = gk @ t0, gk @ r, torch.sigmoid(gk @ u)
+    a = torch.cat([a[:1], r[None], a[2:]])
+    score = unc * (torch.sigmoid(refined) - torch.sigmoid(coarse))
+    pos, w_pos = _reference_gumbel_top_k(score, noise_pos, k)
+    neg, w_neg = _reference_gumbel_top_k(-score, noise_neg, k)
+    cells, weights = torch.cat([pos, neg]), torch.cat([w_pos, w_neg])[:, None]
+    labels = torch.cat([point_embed[1].expand(k, -1), point_embed[0].expand(k, -1)])
+    content = (kk + gk)[cells] * weights
+    position = (kpe[cells] + labels) * weights
+    ref_a, ref_pe = torch.cat([a, content]), torch.cat([qpe, position])
+    theirs = torch.autograd.grad((ref_a * probe_a[0, 0]).sum() + (ref_pe * probe_pe[0, 0]).sum(), parameters)
+
+    assert out.mined_indices[0, 0].tolist() == cells.tolist()
+    for parameter_grad, reference_grad in zip(ours, theirs):
+        torch.testing.assert_close(parameter_grad, reference_grad, atol=1e-5, rtol=1e-4)

@@ -296,13 +296,15 @@ class PASamPromptAdapter(nn.Module):
             content = torch.gather(keys.expand(per_prompt), 2, gather_index)
             content = content + torch.gather(guided_keys.expand(per_prompt), 2, gather_index)
             position = torch.gather(key_point_embedding.expand(per_prompt), 2, gather_index)
-            if weights is not None:
-                content = content * weights
-                position = position * weights
             labels = torch.cat(
                 [mined_indices.new_ones(k), mined_indices.new_zeros(k)]
             ).expand(batch_size, point_batch_size, 2 * k)
             position = position + point_label_embeddings[labels].to(position.dtype)
+            if weights is not None:
+                # The whole token (position with its label embedding, and content) carries the straight-through
+                # weight, as in the release: its gradient reaches the scores through both parts.
+                content = content * weights
+                position = position * weights
             attn_out = torch.cat([attn_out, content], dim=2)
             query_point_embedding = torch.cat([query_point_embedding, position], dim=2)
             mined_labels = labels
