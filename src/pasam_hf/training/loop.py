@@ -396,11 +396,18 @@ def _evaluate(accelerator, model, processor, args, eval_records, state) -> None:
             void_value=args.void_value,
             instance_mode=args.instance_mode,
         )
-    model.eval()
     metrics = evaluate_model(model, processor, eval_records, progress=False)
-    summary = metrics.summary()
-    accelerator.print(f"epoch {state.epoch - 1} evaluation: {summary}")
-    accelerator.log({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}, step=state.global_step)
+    average = metrics.mean_of_means()
+    accelerator.print(
+        f"epoch {state.epoch - 1} evaluation: mIoU {100 * average['mean_iou']:.2f}, mBIoU "
+        f"{100 * average['mean_boundary_iou']:.2f} over {len(metrics)} objects ({metrics.skipped} skipped)"
+    )
+    # The average is the mean of the subset means (docs/evaluation.md); each subset is logged too.
+    logged = {f"eval/{key}": value for key, value in average.items()}
+    for subset, means in metrics.subset_means().items():
+        if subset:
+            logged.update({f"eval/{subset}/{key}": means[key] for key in ("mean_iou", "mean_boundary_iou")})
+    accelerator.log(logged, step=state.global_step)
     accelerator.wait_for_everyone()
 
 
