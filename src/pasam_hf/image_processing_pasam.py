@@ -29,7 +29,11 @@ def wrap_to_uint8(values: torch.Tensor) -> torch.Tensor:
     The released PA-SAM weights were trained on edge maps made with that cast (-1.3 -> 255, 2.4 -> 2). ARM numpy
     saturates instead, so the wrap is written out here rather than left to `astype(np.uint8)`.
     """
-    return torch.remainder(torch.trunc(values.float()).to(torch.int64), 256).to(torch.uint8)
+    # float -> int32 truncates toward zero, int32 -> uint8 keeps the low byte (wraps modulo 256). Normalised pixels
+    # are far inside int32's range; larger magnitudes are reduced first so the cast stays defined.
+    values = values.float()
+    values = torch.where(values.abs() < 2**31, values, torch.fmod(torch.trunc(values), 256))
+    return values.to(torch.int32).to(torch.uint8)
 
 
 def canny_edge_map(
@@ -66,6 +70,38 @@ def canny_edge_map(
     return torch.from_numpy(edges).to(device=channels.device, dtype=torch.float32).unsqueeze(1) / 255.0
 
 
+def resize_bilinear(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
+    """`F.interpolate(pixel_values, (size, size), mode="bilinear", align_corners=False)` (no antialias), float32.
+
+    For the adapter's even integer factor (1024 -> 256) every output pixel is the mean of a 2 x 2 input block
+    (sample position `s * i + (s - 1) / 2`, bilinear weights all 1/2), so it is computed from four strided views
+    instead of a pass over the whole input: about 8x faster on a CPU. It is summed in the order of torch's
+    single-threaded CPU kernel (`a/4 + b/4 + c/4 + d/4`, left to right) and gives that kernel's tensor bit for bit
+    (tested), whatever the thread count (`F.interpolate` itself changes in the last bit with the number of
+    threads, and on CUDA). Other sizes use `F.interpolate`.
+
+    Args:
+        pixel_values (`torch.Tensor` of shape `(batch_size, C, side, side)`).
+        size (`int`): output side.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, C, size, size)`, float32.
+    """
+    pixel_values = pixel_values.float()
+    height, width = pixel_values.shape[-2:]
+    scale = height // size
+    if height != width or height % size or scale % 2:
+        return F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
+    first = scale // 2 - 1
+    top, bottom = pixel_values[..., first::scale, :], pixel_values[..., first + 1 :: scale, :]
+    blocks = (top[..., first::scale], top[..., first + 1 :: scale], bottom[..., first::scale],
+              bottom[..., first + 1 :: scale])
+    result = blocks[0] * 0.25
+    for block in blocks[1:]:
+        result = result + block * 0.25
+    return result
+
+
 def compute_adapter_pixel_values(
     pixel_values: torch.Tensor,
     adapter_size: int = 256,
@@ -89,7 +125,7 @@ def compute_adapter_pixel_values(
             f"pixel_values must have shape (batch_size, 3, height, width), got {tuple(pixel_values.shape)}."
         )
     # Bilinear, align_corners=False, no antialias: the release's torch.nn.functional.interpolate call.
-    small = F.interpolate(pixel_values.float(), size=(adapter_size, adapter_size), mode="bilinear", align_corners=False)
+    small = resize_bilinear(pixel_values, adapter_size)
     edges = canny_edge_map(small, edge_mode, image_mean, image_std, low_threshold, high_threshold)
     return torch.cat([small, edges], dim=1).to(pixel_values.dtype)
 
