@@ -123,7 +123,7 @@ def reference_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.nda
     erosion by d = max(1, round(dilation_ratio x diagonal)) iterations of a 3x3 erosion, on the mask padded with
     one pixel of background so that the image border is boundary."""
     height, width = mask.shape
-    d = max(1, int(round(dilation_ratio * math.hypot(height, width))))
+    d = max(1, round(dilation_ratio * math.hypot(height, width)))
     padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     eroded = cv2.erode(padded, np.ones((3, 3), dtype=np.uint8), iterations=d)[1 : height + 1, 1 : width + 1]
     return mask.astype(bool) & ~eroded.astype(bool)
