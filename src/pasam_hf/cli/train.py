@@ -32,17 +32,22 @@ def run(args: argparse.Namespace) -> int:
     from ..training import (
         CheckpointError,
         EmbeddingCacheError,
+        HubUploadError,
         TrainingDivergedError,
         arguments_from_namespace,
         train,
     )
 
+    if args.model is None:
+        # Also with --resume: a checkpoint holds only the trained parameters, the rest comes from --model.
+        raise CLIError(
+            "no model to fine-tune: pass --model with a PA-SAM or SAM checkpoint (Hub id or directory); with "
+            "--resume, the one the run started from."
+        )
     training_args = arguments_from_namespace(args)
-    if training_args.model is None and not training_args.resume:
-        raise CLIError("no model to fine-tune: pass --model with a PA-SAM or SAM checkpoint (Hub id or directory).")
     try:
         result = train(training_args)
-    except (CheckpointError, EmbeddingCacheError, TrainingDivergedError, DataQualityError) as error:
+    except (CheckpointError, EmbeddingCacheError, TrainingDivergedError, DataQualityError, HubUploadError) as error:
         raise CLIError(str(error)) from error
     if result.losses:
         print(f"final loss {result.losses[-1]:.4f} after {result.global_step} steps; model saved in {result.output_dir}")

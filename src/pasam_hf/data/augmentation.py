@@ -2,8 +2,9 @@
 
 Training: random horizontal flip, then large-scale jitter: keep the aspect ratio, resize so that the longest side
 is `scale x S` with `scale ~ U(0.1, 2.0)`, crop a random `S x S` window where the result is larger than `S`, pad
-to `S x S` at the bottom/right with 128 (image) and 0 (masks). Evaluation: resize the longest side to `S` and pad,
-no randomness (SAM's own preprocessing geometry).
+to `S x S` at the bottom/right with 128 (image) and 0 (masks), as the release. Evaluation: resize the longest side
+to `S` (SAM's own preprocessing geometry), no randomness; [`SamplePreparer`] then lets the image processor pad the
+normalised image with 0, exactly as at inference.
 
 Images are resized bilinearly, masks with nearest neighbour (cv2), so labels (0 / 1 / 255) are never blended.
 """
@@ -45,6 +46,17 @@ def _scaled_shape(height: int, width: int, longest: float) -> tuple[int, int]:
     return max(1, int(round(height * factor))), max(1, int(round(width * factor)))
 
 
+def resize_longest(image: np.ndarray, masks: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Longest side to `size`, aspect ratio kept (`(H, W, 3)`, `(K, H, W)` -> `(h, w, 3)`, `(K, h, w)`, uint8).
+
+    The rounding is SAM's (`int(side * size / longest + 0.5)`), so SAM's image processor, given the result, keeps
+    its size and only normalises and pads it."""
+    height, width = image.shape[:2]
+    factor = size / max(height, width)
+    new_height, new_width = max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+    return _resize_pair(image, masks, new_height, new_width)
+
+
 def resize_longest_and_pad(
     image: np.ndarray,
     masks: np.ndarray,
@@ -60,8 +72,7 @@ def resize_longest_and_pad(
     Returns:
         `(image (size, size, 3), masks (K, size, size))`, both uint8.
     """
-    height, width = _scaled_shape(*image.shape[:2], size)
-    image, masks = _resize_pair(image, masks, height, width)
+    image, masks = resize_longest(image, masks, size)
     return _pad_pair(image, masks, size, image_pad_value, mask_pad_value)
 
 
@@ -119,4 +130,4 @@ class LargeScaleJitter:
         return resize_longest_and_pad(image, masks, self.size, self.image_pad_value, self.mask_pad_value)
 
 
-__all__ = ["IMAGE_PAD_VALUE", "MASK_PAD_VALUE", "LargeScaleJitter", "resize_longest_and_pad"]
+__all__ = ["IMAGE_PAD_VALUE", "MASK_PAD_VALUE", "LargeScaleJitter", "resize_longest", "resize_longest_and_pad"]

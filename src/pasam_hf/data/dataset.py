@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .augmentation import LargeScaleJitter
+from .augmentation import LargeScaleJitter, resize_longest
 from .records import FOREGROUND, SegmentationRecord
 from .sources import BadSampleError, RecordSequence, as_record_sequence
 
@@ -57,7 +57,8 @@ def input_size(image_processor: Any) -> int:
 
 
 class SamplePreparer:
-    """Record -> training item: augmentation to `S x S`, then the processor (which then only normalises).
+    """Record -> training item: augmentation (or SAM's resize), then the processor (which then only normalises, and
+    pads un-augmented images).
 
     Args:
         processor: a [`PASamProcessor`] or its image processor.
@@ -80,7 +81,12 @@ class SamplePreparer:
     def geometry(
         self, record: SegmentationRecord, generator: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`(image (S, S, 3) uint8, instances (K', S, S) uint8)` keeping only instances with foreground left."""
+        """`(image (h, w, 3) uint8, instances (K', S, S) uint8)` keeping only instances with foreground left.
+
+        Augmented images are `S x S` (large-scale jitter pads them with 128, as the release). Without augmentation
+        (or when every jittered crop lost every instance) the image keeps SAM's inference geometry: longest side
+        `S`, not padded here, so the image processor pads the *normalised* image with 0 as it does at inference;
+        the masks are padded with background to `S x S`."""
         image = np.asarray(record.image)
         if self.augment:
             for _ in range(MAX_CROP_ATTEMPTS):
@@ -88,9 +94,11 @@ class SamplePreparer:
                 keep = (out_masks == FOREGROUND).any(axis=(1, 2))
                 if keep.any():
                     return out_image, out_masks[keep]
-        # Evaluation geometry (also the fallback when every crop lost every instance).
-        out_image, out_masks = self.jitter.evaluation(image, record.instances)
-        return out_image, out_masks[(out_masks == FOREGROUND).any(axis=(1, 2))]
+        out_image, out_masks = resize_longest(image, record.instances, self.size)
+        height, width = out_masks.shape[1:]
+        padded = np.full((out_masks.shape[0], self.size, self.size), self.jitter.mask_pad_value, dtype=np.uint8)
+        padded[:, :height, :width] = out_masks
+        return out_image, padded[(padded == FOREGROUND).any(axis=(1, 2))]
 
     def __call__(self, record: SegmentationRecord, generator: np.random.Generator) -> dict[str, Any]:
         if record.num_instances == 0:
@@ -104,12 +112,12 @@ class SamplePreparer:
         pixel_values = encoding["pixel_values"][0]
         if tuple(pixel_values.shape[-2:]) != (self.size, self.size) or tuple(
             encoding["reshaped_input_sizes"][0].tolist()
-        ) != (self.size, self.size):
-            # The processor resized the S x S image: labels would no longer line up with pixel_values.
+        ) != tuple(image.shape[:2]):
+            # The processor resized the image: labels would no longer line up with pixel_values.
             raise ValueError(
-                f"the image processor turned a {self.size}x{self.size} image into pixel_values of shape "
-                f"{tuple(pixel_values.shape)}; its size and pad_size must both be {self.size}. Build it with "
-                "PASamProcessor.from_model_config(config)."
+                f"the image processor turned a {image.shape[1]}x{image.shape[0]} image (longest side {self.size}) "
+                f"into pixel_values of shape {tuple(pixel_values.shape)}; its size (longest_edge) and pad_size must "
+                f"both be {self.size}. Build it with PASamProcessor.from_model_config(config)."
             )
         return {
             "pixel_values": pixel_values,

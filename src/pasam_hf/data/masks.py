@@ -35,6 +35,8 @@ INSTANCE_MODES = ("binary", "split")
 # HQSeg-44K protocol: foreground is GT > 128 on 0..255 masks.
 THRESHOLD = 128
 TRIMAP_IGNORE = 128
+# Colour masks: label of a non-black colour = this | r << 16 | g << 8 | b, above every grey level and void value.
+COLOUR_LABEL_BASE = 1 << 24
 # cv2.resize handles at most this many channels at once.
 _CV2_MAX_CHANNELS = 512
 
@@ -53,7 +55,8 @@ def load_mask_array(mask: Any, name: str = "mask") -> np.ndarray:
 
     Returns:
         `np.ndarray` of shape `(H, W)`: integers, bool or floats. Colour masks whose channels are equal are read as
-        grey; other colour masks become one integer per colour (`r << 16 | g << 8 | b`, black = 0).
+        grey; other colour masks become one integer per colour, `COLOUR_LABEL_BASE | r << 16 | g << 8 | b` (black
+        = 0): at least 2**24, so no colour reads as a grey level or as the void value (pure blue is not 255).
     """
     if isinstance(mask, (str, os.PathLike, bytes, bytearray, dict)):
         mask = open_image_source(mask, name)
@@ -81,6 +84,7 @@ def load_mask_array(mask: Any, name: str = "mask") -> np.ndarray:
         else:
             rgb = rgb.astype(np.int64)
             array = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            array = np.where(array > 0, array | COLOUR_LABEL_BASE, 0)
     if array.ndim != 2:
         raise MaskDecodeError(
             f"{name} has shape {tuple(array.shape)}; a mask is one 2-D map (H, W) (stack several objects as one "
@@ -96,16 +100,20 @@ def load_mask_array(mask: Any, name: str = "mask") -> np.ndarray:
 def detect_mask_format(array: np.ndarray, void_value: int | None = 255, is_palette: bool = False) -> str:
     """The encoding `"auto"` resolves to for a mask array.
 
-    Rules, in order: palette images and bool arrays are `"labels"`; floats are `"threshold"`; integer masks whose
-    values are within {0, 128, 255} and contain 128 are `"trimap"`; within {0, 255}: `"threshold"`; masks whose
-    values other than 0 and `void_value` are all below 128 (0/1 masks, label maps, DAVIS with void 255) are
-    `"labels"`; anything else (grey levels reaching above 128, e.g. JPEG masks) is `"threshold"`.
+    Rules, in order: palette images and bool arrays are `"labels"`; floats are `"threshold"`; integer masks with
+    values above 255 (colour masks read by [`load_mask_array`], 16-bit instance maps) are `"labels"`: grey levels
+    of an 8-bit mask never get there; integer masks whose values are within {0, 128, 255} and contain 128 are
+    `"trimap"`; within {0, 255}: `"threshold"`; masks whose values other than 0 and `void_value` are all below
+    128 (0/1 masks, label maps, DAVIS with void 255) are `"labels"`; anything else (grey levels reaching above
+    128, e.g. JPEG masks) is `"threshold"`.
     """
     if is_palette or array.dtype == bool:
         return "labels"
     if np.issubdtype(array.dtype, np.floating):
         return "threshold"
     values = np.unique(array)
+    if values[-1] > 255:
+        return "labels"
     value_set = set(values.tolist())
     if TRIMAP_IGNORE in value_set and value_set <= {0, TRIMAP_IGNORE, 255}:
         return "trimap"
@@ -255,8 +263,8 @@ def _single_instance(foreground: np.ndarray, ignore: np.ndarray | None) -> np.nd
 
 
 __all__ = [
-    "MASK_FORMATS",
     "INSTANCE_MODES",
+    "MASK_FORMATS",
     "MaskDecodeError",
     "decode_mask",
     "detect_mask_format",

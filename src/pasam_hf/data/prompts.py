@@ -37,7 +37,8 @@ class PromptSimulator:
         num_points (`int`, defaults to 10): foreground points per instance (label 1).
         num_negative_points (`int`, defaults to 0): background points per instance (label 0), after the
             foreground ones. Instances without background get padding points (label -10) instead.
-        box_noise (`bool`, defaults to `True`): jitter box corners (see [`noisy_boxes`]); `False` gives tight boxes.
+        box_noise (`bool`, defaults to `False`): jitter box corners (see [`noisy_boxes`]). The release trains with
+            tight boxes (reference section 6), hence the default.
         box_noise_ratio (`float`, defaults to 0.1): noise std as a fraction of the box side.
         box_noise_max (`float`, defaults to 20): noise clip, in pixels.
         mask_prompt_size (`int`, *optional*): side `M` of mask prompts; defaults to `S // 4` (256 for S = 1024).
@@ -52,7 +53,7 @@ class PromptSimulator:
         preset: str | dict[str, float] = "pa-sam",
         num_points: int = 10,
         num_negative_points: int = 0,
-        box_noise: bool = True,
+        box_noise: bool = False,
         box_noise_ratio: float = 0.1,
         box_noise_max: float = 20.0,
         mask_prompt_size: int | None = None,

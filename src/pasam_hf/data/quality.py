@@ -3,7 +3,9 @@
 Feed every batch of an epoch to [`BadSampleTracker.update`] (including batches that hold only `skipped`). Once at
 least `min_samples` samples were seen, a bad fraction above `max_fraction` raises [`DataQualityError`]: a dataset
 that is mostly broken (wrong mask folder, wrong column, wrong `void_value`) should stop the run early rather than
-train on what is left. `summary()` gives the counts and names for the epoch report.
+train on what is left. At the end of an epoch the fraction is exact, so `exceeds(complete=True)` checks it whatever
+the dataset size (the training loop does, with the counts of all processes). `summary()` gives the counts and names
+for the epoch report.
 """
 
 from __future__ import annotations
@@ -49,25 +51,44 @@ class BadSampleTracker:
     def bad_fraction(self) -> float:
         return self.bad / self.seen if self.seen else 0.0
 
-    def update(self, batch: dict[str, Any]) -> None:
-        """Count one collated batch; raise [`DataQualityError`] when the bad fraction is too high."""
+    def add(self, batch: dict[str, Any]) -> None:
+        """Count one collated batch (its `names` and `skipped`) without checking the fraction."""
         names = batch.get("names", [])
         skipped = batch.get("skipped", [])
         details = batch.get("skipped_details") or [{"name": name, "kind": "unknown", "reason": ""} for name in skipped]
         self.seen += len(names) + len(skipped)
         self.details.extend(details)
-        if self.seen >= self.min_samples and self.bad_fraction > self.max_fraction:
-            raise DataQualityError(self._message())
 
-    def _message(self) -> str:
-        shown = "; ".join(f"{item['name']} ({item['reason']})" for item in self.details[:_NAMES_SHOWN])
-        more = f" and {self.bad - _NAMES_SHOWN} more" if self.bad > _NAMES_SHOWN else ""
-        kinds = ", ".join(f"{count} {kind}" for kind, count in self._by_kind().most_common())
+    def exceeds(self, seen: int | None = None, bad: int | None = None, complete: bool = False) -> bool:
+        """Whether `bad` of `seen` samples (default: this tracker's counts; pass totals over processes) is too many.
+
+        Before `min_samples` samples the answer is `False` unless `complete` (the whole epoch was seen, so the
+        fraction is exact whatever the dataset size)."""
+        seen = self.seen if seen is None else seen
+        bad = self.bad if bad is None else bad
+        if seen == 0 or (seen < self.min_samples and not complete):
+            return False
+        return bad / seen > self.max_fraction
+
+    def update(self, batch: dict[str, Any]) -> None:
+        """Count one collated batch; raise [`DataQualityError`] when the bad fraction is too high."""
+        self.add(batch)
+        if self.exceeds():
+            raise DataQualityError(self.message())
+
+    def message(self, seen: int | None = None, details: list[dict[str, str]] | None = None) -> str:
+        """The error message for `details` (bad samples) among `seen` (defaults: this tracker's)."""
+        seen = self.seen if seen is None else seen
+        details = self.details if details is None else details
+        bad = len(details)
+        shown = "; ".join(f"{item['name']} ({item['reason']})" for item in details[:_NAMES_SHOWN])
+        more = f" and {bad - _NAMES_SHOWN} more" if bad > _NAMES_SHOWN else ""
+        kinds = ", ".join(f"{count} {kind}" for kind, count in Counter(item["kind"] for item in details).most_common())
         return (
-            f"{self.bad} of {self.seen} training samples ({self.bad_fraction:.1%}) could not be used ({kinds}), "
-            f"more than the allowed max_bad_fraction={self.max_fraction:g} ({self.max_fraction:.0%}). First: "
-            f"{shown}{more}. Fix or remove these files (check the mask folder / columns and void_value), or allow "
-            "more with --max-bad-fraction (BadSampleTracker(max_fraction=...))."
+            f"{bad} of {seen} training samples ({bad / max(seen, 1):.1%}) could not be used ({kinds}), more than the "
+            f"allowed max_bad_fraction={self.max_fraction:g} ({self.max_fraction:.0%}). First: {shown}{more}. Fix or "
+            "remove these files (check the mask folder / columns and void_value), or allow more with "
+            "--max-bad-fraction (BadSampleTracker(max_fraction=...))."
         )
 
     def _by_kind(self) -> Counter:

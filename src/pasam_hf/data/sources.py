@@ -68,27 +68,35 @@ class DecodeOptions:
     resize_masks: bool = False
 
     def decode(self, name: str, image: Any, mask: Any, subset: str = "") -> SegmentationRecord:
-        """Decode one image/mask pair; any failure becomes a [`BadSampleError`] naming the sample."""
+        """Decode one image/mask pair; any failure becomes a [`BadSampleError`] naming the sample (and its file)."""
         try:
+            image = _array_if_nested_list(image)
             if isinstance(image, (bytes, bytearray, dict)):
                 image = open_image_source(image, f"image of {name}")
             pixels = to_rgb_uint8(image, f"image of {name}")
         except Exception as error:  # noqa: BLE001 - any decoding failure makes this one sample unusable, not the run
             raise BadSampleError(name, str(error), "image") from error
         pil_image = PIL.Image.fromarray(pixels)
+        mask_name = f"mask of {name}" + (f" ({os.fspath(mask)!r})" if isinstance(mask, (str, os.PathLike)) else "")
         try:
             instances = decode_mask(
-                mask,
+                _array_if_nested_list(mask),
                 image_size=pil_image.size,
                 mask_format=self.mask_format,
                 void_value=self.void_value,
                 instance_mode=self.instance_mode,
                 resize_masks=self.resize_masks,
-                name=f"mask of {name}",
+                name=mask_name,
             )
         except Exception as error:  # noqa: BLE001 - as above
             raise BadSampleError(name, str(error), "mask") from error
         return SegmentationRecord(name=name, image=pil_image, instances=instances, subset=subset)
+
+
+def _array_if_nested_list(value: Any) -> Any:
+    """`datasets` returns array columns (`List(List(Value(...)))` features, e.g. from `Dataset.from_dict` with numpy
+    arrays) as nested Python lists: give them back their array form."""
+    return np.asarray(value) if isinstance(value, (list, tuple)) else value
 
 
 class RecordSequence(Sequence[SegmentationRecord]):
@@ -358,10 +366,27 @@ def _select_split(dataset: Any, split: str) -> Any:
     return dataset
 
 
+def _looks_local(source: str | os.PathLike) -> bool:
+    """Whether `source` can only be a local path (a Hub id is `name` or `namespace/name`), so that a missing
+    folder is reported as such instead of being looked up on the Hub."""
+    text = os.fspath(source)
+    return (
+        isinstance(source, os.PathLike)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+    )
+
+
 def _open_dataset(source: str | os.PathLike, split: str, streaming: bool) -> Any:
     import datasets
 
-    path = Path(source)
+    path = Path(source).expanduser()
+    if not path.exists() and _looks_local(source):
+        raise FileNotFoundError(
+            f"data folder {os.fspath(source)!r} does not exist; check the path (a folder with images/ + masks/ or "
+            "im/ + gt/, a save_to_disk directory, or a Hub dataset id such as 'user/name')."
+        )
     if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
         dataset = _select_split(datasets.load_from_disk(str(path)), split)
         return dataset.to_iterable_dataset() if streaming and isinstance(dataset, datasets.Dataset) else dataset
@@ -468,12 +493,12 @@ class _ListRecords(RecordSequence):
 
 
 __all__ = [
+    "LAYOUT_PRESETS",
     "BadSampleError",
     "DatasetRecords",
     "DecodeOptions",
     "FolderRecords",
     "IterableRecords",
-    "LAYOUT_PRESETS",
     "RecordSequence",
     "as_record_sequence",
     "find_folder_pairs",

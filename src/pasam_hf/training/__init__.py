@@ -4,13 +4,14 @@ checkpoints with exact resume, and the embedding cache."""
 from .arguments import TrainingArguments, add_training_arguments, arguments_from_namespace
 from .cache import EmbeddingCacheDataset, EmbeddingCacheError, build_embedding_cache
 from .checkpointing import CheckpointError, CheckpointManager, TrainerState
-from .loop import TrainingDivergedError, TrainingResult, mark_trainable, train
+from .loop import HubUploadError, TrainingDivergedError, TrainingResult, mark_trainable, train
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "EmbeddingCacheDataset",
     "EmbeddingCacheError",
+    "HubUploadError",
     "TrainerState",
     "TrainingArguments",
     "TrainingDivergedError",

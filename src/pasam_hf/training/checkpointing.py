@@ -17,7 +17,6 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors import safe_open
@@ -54,7 +53,7 @@ class TrainerState:
             os.fsync(handle.fileno())
 
     @classmethod
-    def load(cls, directory: Path) -> "TrainerState":
+    def load(cls, directory: Path) -> TrainerState:
         path = directory / STATE_FILE
         try:
             return cls(**json.loads(path.read_text()))

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -23,7 +25,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from ..adapters import save_adapter, trainable_parameter_names
-from ..data import BadSampleTracker, PASamDataCollator, PASamTrainingDataset, PromptSimulator, load_records
+from ..data import (
+    BadSampleTracker,
+    DataQualityError,
+    PASamDataCollator,
+    PASamIterableTrainingDataset,
+    PASamTrainingDataset,
+    PromptSimulator,
+    load_records,
+)
 from ..loading import load_model_and_processor
 from ..modeling_pasam import PASamModel
 from ..processing_pasam import PASamProcessor
@@ -40,6 +50,10 @@ class TrainingDivergedError(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps; the last good checkpoint is kept as it was."""
 
 
+class HubUploadError(RuntimeError):
+    """The trained model was saved locally but could not be uploaded to the Hub."""
+
+
 @dataclass
 class TrainingResult:
     """What a finished run reports: steps done, loss history (one value per optimizer step) and data problems."""
@@ -48,6 +62,7 @@ class TrainingResult:
     epochs_completed: int
     losses: list[float] = field(default_factory=list)
     nonfinite_steps: int = 0
+    # Every sample skipped during the run (all processes), once each: `{"name", "kind", "reason"}`.
     bad_samples: list[dict[str, str]] = field(default_factory=list)
     output_dir: str = ""
     last_checkpoint: str | None = None
@@ -95,7 +110,10 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
             instance_mode=args.instance_mode,
             streaming=args.streaming,
         )
-    return PASamTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
+    if isinstance(records, Sequence):
+        return PASamTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
+    # A stream (IterableRecords, a generator): read it as it comes instead of materialising it.
+    return PASamIterableTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
 
 
 def _keep_items(items: list) -> list:
@@ -120,14 +138,34 @@ def train(
     # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers.
     # ---------------------------------------------------------------------------------------------------------
     report_to = None if args.report_to in ("none", "") else args.report_to
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # The sampler's shuffle is a function of (seed, epoch), so a resumed epoch replays the same order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(
+                # The sampler's shuffle is a function of (seed, epoch), so a resumed epoch replays the same order.
+                use_seedable_sampler=True,
+                # Streamed data: every process reads the stream and keeps its own share, rather than the main
+                # process broadcasting batches (ours hold names and variable instance counts, not just tensors).
+                dispatch_batches=False,
+            ),
+        )
+    except ValueError as error:
+        if args.mixed_precision == "fp16" and "fp16" in str(error):
+            raise ValueError(
+                f"--mixed-precision fp16 needs a GPU ({error}); use --mixed-precision bf16 on a CPU, or no."
+            ) from error
+        raise
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # Every process would train alone and write the same output directory.
+        raise ValueError(
+            f"{launched} processes were launched but Accelerate runs each one alone (no GPU for --multi_gpu). On "
+            "CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... (or set "
+            "distributed_type MULTI_CPU in `accelerate config`)."
+        )
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +189,11 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     dataset = _build_dataset(args, model, processor, train_records)
     streamed = isinstance(dataset, IterableDataset)
+    if streamed and args.steps_per_epoch is None and args.max_steps is None:
+        raise ValueError(
+            "the training data is a stream without a length: pass --steps-per-epoch (for the learning-rate schedule "
+            "and point-mining warm-up) or --max-steps."
+        )
     dataloader = DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -241,9 +284,18 @@ def train(
                 # re-seed it per batch so a resumed run draws exactly the noise of an uninterrupted one.
                 torch.manual_seed(seed ^ 0x5DEECE66D)
                 batch = collator(items)
-                bad_samples.update(batch)
-                loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
-                if loss is None:
+                bad_samples.add(batch)
+                _check_data_quality(accelerator, bad_samples)
+                outcome, loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
+                if outcome != "ok" and accelerator.sync_gradients:
+                    # The step's gradients were dropped: so is the loss of its earlier micro-batches.
+                    running_loss.zero_()
+                    running_count = 0
+                if outcome == "no_data":
+                    # Every sample of this batch was bad on some process: all processes skip it together (a
+                    # process without data cannot take part in the gradient all-reduce). Not an optimizer step.
+                    continue
+                if outcome == "nonfinite":
                     # Non-finite loss on some process: every process skipped this step together.
                     state.nonfinite_steps += 1
                     state.consecutive_nonfinite_steps += 1
@@ -308,7 +360,7 @@ def train(
     result.global_step = state.global_step
     result.epochs_completed = state.epoch
     result.nonfinite_steps = state.nonfinite_steps
-    result.bad_samples = bad_samples.summary().get("samples", []) if hasattr(bad_samples, "summary") else []
+    _record_bad_samples(result, gather_object(bad_samples.details))  # those of an epoch stopped by --max-steps
     result.last_checkpoint = str(checkpoints.save(state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -331,13 +383,19 @@ def _training_step(
     model: torch.nn.Module,
     unwrapped: PASamModel,
     optimizer: torch.optim.Optimizer,
-    batch: dict[str, Any] | None,
+    batch: dict[str, Any],
     args: TrainingArguments,
-) -> torch.Tensor | None:
-    """One forward/backward under gradient accumulation. Returns the detached loss, or `None` when the loss was
-    not finite on some process (then no process steps, so the processes stay in sync)."""
-    usable = batch is not None and "labels" in batch
+) -> tuple[str, torch.Tensor | None]:
+    """One forward/backward under gradient accumulation.
+
+    Returns `("ok", detached loss)`, or `("nonfinite", None)` when the loss was not finite on some process, or
+    `("no_data", None)` when some process had only bad samples. In both latter cases no process runs the backward
+    (DDP's all-reduce needs every process) and, on the micro-batch that would step, the gradients are dropped, so
+    the processes stay in sync.
+    """
+    usable = "labels" in batch
     with accelerator.accumulate(model):
+        loss = None
         if usable:
             inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
             image_embeddings = batch.get("image_embeddings")
@@ -345,40 +403,60 @@ def _training_step(
                 # The image encoder is frozen: run it without autograd (and without DDP's wrapper).
                 with torch.no_grad(), accelerator.autocast():
                     image_embeddings = unwrapped.get_image_embeddings(batch["pixel_values"])
-            outputs = model(image_embeddings=image_embeddings, multimask_output=False, **inputs)
-            loss = outputs.loss
-            finite = torch.isfinite(loss.detach()).reshape(1)
-        else:
-            # All samples of this batch were bad: take part in the collective check, contribute nothing.
-            loss = None
-            finite = torch.ones(1, dtype=torch.bool, device=accelerator.device)
-        if not bool(accelerator.gather(finite).all()):
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        if loss is None:
-            return torch.zeros((), device=accelerator.device)
+            # With mixed precision the prepared model runs under autocast; the loss inside it opts out (fp32).
+            loss = model(image_embeddings=image_embeddings, multimask_output=False, **inputs).loss
+        finite = usable and bool(torch.isfinite(loss.detach()))
+        # Per process: has data, has a non-finite loss (ints: gloo gathers no bools).
+        flags = accelerator.gather(torch.tensor([[int(usable), int(usable and not finite)]], device=accelerator.device))
+        if bool(flags[:, 1].any()) or not bool(flags[:, 0].all()):
+            optimizer.zero_grad(set_to_none=True)  # a no-op except on the micro-batch that would step
+            return ("nonfinite" if bool(flags[:, 1].any()) else "no_data"), None
         accelerator.backward(loss)
         if accelerator.sync_gradients and args.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return "ok", loss.detach()
 
 
-def _end_of_epoch(accelerator: Accelerator, tracker: BadSampleTracker, state: TrainerState, result) -> None:
-    summary = tracker.summary()
-    reports = gather_object([summary])
-    bad = sum(report.get("bad", 0) for report in reports)
-    seen = sum(report.get("seen", 0) for report in reports)
+def _check_data_quality(accelerator: Accelerator, tracker: BadSampleTracker, epoch_complete: bool = False) -> None:
+    """Raise [`DataQualityError`] on every process when the bad fraction over all processes is too high.
+
+    During the epoch the fraction is checked once `tracker.min_samples` samples were seen (one early bad file does
+    not abort); at the end of an epoch it is exact, so it is checked whatever the dataset size.
+    """
+    local = torch.tensor([tracker.seen, tracker.bad], device=accelerator.device)
+    seen, bad = (int(value) for value in accelerator.reduce(local, reduction="sum").tolist())
+    if tracker.exceeds(seen, bad, complete=epoch_complete):
+        details = gather_object(tracker.details)
+        raise DataQualityError(tracker.message(seen, details))
+
+
+def _record_bad_samples(result: TrainingResult, samples: list[dict[str, str]]) -> None:
+    known = {sample["name"] for sample in result.bad_samples}
+    for sample in samples:
+        if sample["name"] not in known:
+            known.add(sample["name"])
+            result.bad_samples.append(dict(sample))
+
+
+def _end_of_epoch(
+    accelerator: Accelerator, tracker: BadSampleTracker, state: TrainerState, result: TrainingResult
+) -> None:
+    """Report the epoch's bad samples (all processes), stop the run if there were too many, start a new count."""
+    reports = gather_object([tracker.summary()])
+    bad = sum(report["bad"] for report in reports)
+    seen = sum(report["seen"] for report in reports)
+    samples = [sample for report in reports for sample in report["samples"]]
     state.bad_samples += bad
     state.samples_seen += seen
+    _record_bad_samples(result, samples)
     if bad:
-        names = [sample for report in reports for sample in report.get("samples", [])]
-        shown = ", ".join(f"{s.get('name')} ({s.get('reason')})" for s in names[:10])
-        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        shown = ", ".join(f"{sample['name']} ({sample['reason']})" for sample in samples[:10])
+        more = f" and {len(samples) - 10} more" if len(samples) > 10 else ""
         accelerator.print(f"epoch {state.epoch}: skipped {bad} of {seen} samples that could not be used: {shown}{more}")
-    if hasattr(tracker, "reset"):
-        tracker.reset()
+    _check_data_quality(accelerator, tracker, epoch_complete=True)
+    tracker.reset()
 
 
 def _evaluate(accelerator, model, processor, args, eval_records, state) -> None:
@@ -412,19 +490,31 @@ def _evaluate(accelerator, model, processor, args, eval_records, state) -> None:
 
 
 def _push_to_hub(output_dir: Path, args: TrainingArguments) -> None:
+    """Upload the saved model, processor and adapter (not the checkpoints or logs) to `args.push_to_hub`."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(args.push_to_hub, private=args.hub_private, exist_ok=True)
-    if args.hub_revision:
-        api.create_branch(args.push_to_hub, branch=args.hub_revision, exist_ok=True)
-    api.upload_folder(
-        repo_id=args.push_to_hub,
-        folder_path=str(output_dir),
-        revision=args.hub_revision,
-        ignore_patterns=["checkpoints/*", "logs/*"],
-        commit_message="Upload PA-SAM fine-tuned with pasam-hf",
-    )
+    try:
+        api = HfApi()
+        api.create_repo(args.push_to_hub, private=args.hub_private, exist_ok=True)
+        if args.hub_revision:
+            api.create_branch(args.push_to_hub, branch=args.hub_revision, exist_ok=True)
+        url = api.upload_folder(
+            repo_id=args.push_to_hub,
+            folder_path=str(output_dir),
+            revision=args.hub_revision,
+            ignore_patterns=["checkpoints/*", "logs/*"],
+            commit_message="Upload PA-SAM fine-tuned with pasam-hf",
+        )
+    except Exception as error:  # noqa: BLE001 - network, auth and permission errors all leave the same remedy
+        reason = " ".join(str(error).split()) or type(error).__name__
+        revision = f" --revision {args.hub_revision}" if args.hub_revision else ""
+        raise HubUploadError(
+            f"the model was trained and saved in {output_dir}, but uploading it to the Hub repository "
+            f"{args.push_to_hub!r} failed ({type(error).__name__}: {reason}). Check the network and your token "
+            f"(`hf auth login`), then upload it with `hf upload {args.push_to_hub} {output_dir}{revision} "
+            "--exclude 'checkpoints/*' 'logs/*'`."
+        ) from error
+    print(f"uploaded to {url}")
 
 
-__all__ = ["TrainingDivergedError", "TrainingResult", "batch_seed", "mark_trainable", "train"]
+__all__ = ["HubUploadError", "TrainingDivergedError", "TrainingResult", "batch_seed", "mark_trainable", "train"]
