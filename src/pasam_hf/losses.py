@@ -69,6 +69,21 @@ def pasam_loss_components(
         mean over the masks that have at least one labelled pixel (so padding prompts, labelled all-void, add
         nothing).
     """
+    # In fp32 outside autocast: CUDA autocast refuses binary_cross_entropy, and means over 1024 x 1024 label pixels
+    # are no job for 16-bit floats (mixed-precision training with Accelerate or the Trainer).
+    with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+        return _loss_components(
+            pred_masks.float(), coarse_masks.float(), refined_masks.float(), uncertainty_maps.float(), labels
+        )
+
+
+def _loss_components(
+    pred_masks: torch.Tensor,
+    coarse_masks: torch.Tensor,
+    refined_masks: torch.Tensor,
+    uncertainty_maps: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     if pred_masks.ndim != 5 or pred_masks.shape[2] != 1:
         raise ValueError(
             "The PA-SAM loss takes the single refined mask: call the model with multimask_output=False when "
