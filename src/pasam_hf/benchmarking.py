@@ -34,7 +34,7 @@ from .processing_pasam import PASamProcessor
 
 # A checkout's ../shared/data (as the tests use it); PASAM_SHARED_DATA points elsewhere.
 DEFAULT_DATA = Path(os.environ.get("PASAM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-BENCHMARKS = ("decoder", "e2e", "processor", "amg", "memory", "precision")
+BENCHMARKS = ("decoder", "e2e", "processor", "amg", "memory", "precision", "train")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -544,6 +544,8 @@ def _memory_probe_entry(queue, *args) -> None:
 
 def measure_peak_memory(settings: BenchmarkSettings, kind: str, mode: str, num_boxes: int = 16) -> float:
     """Runs `_memory_probe` in a spawned process, so each peak is measured from a clean slate."""
+    import queue as queue_module
+
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(
@@ -551,7 +553,19 @@ def measure_peak_memory(settings: BenchmarkSettings, kind: str, mode: str, num_b
         args=(queue, settings.quick, settings.device, settings.dtype, kind, mode, num_boxes),
     )
     process.start()
-    result = queue.get()
+    while True:
+        # A child that dies before reporting (killed for memory, or a script without a __main__ guard, which the
+        # spawned child re-runs) would leave a bare queue.get() waiting forever.
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive() and queue.empty():
+                raise RuntimeError(
+                    f"the memory probe ({kind}, {mode}) ended with exit code {process.exitcode} before reporting; "
+                    "if it was not killed for memory, call the benchmark under `if __name__ == '__main__':` "
+                    "(the spawned process re-imports the calling script)."
+                ) from None
     process.join()
     if isinstance(result, BaseException):
         raise result
@@ -716,6 +730,144 @@ def _precision_caller(model: PASamModel, item: Mapping, dtype: torch.dtype, devi
     return _caller(cast, _move(item, device, dtype))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Training step
+
+
+def training_items(config: SamConfig, batch_size: int, seed: int, cached: bool) -> list[dict]:
+    """`batch_size` training items as the dataset yields them: one object mask (a disc) each, `labels` `(1, S, S)`
+    uint8, `adapter_pixel_values` `(4, A, A)` and either `pixel_values` `(3, S, S)` (the encoder runs in the step)
+    or `image_embeddings` `(C, h, w)` (what [`EmbeddingCacheDataset`] yields). Random tensors, seeded, so the two
+    kinds describe the same images: a step's cost does not depend on the values."""
+    generator = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    embedding_size = config.prompt_encoder_config.image_embedding_size
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    items = []
+    for index in range(batch_size):
+        centre = (0.3 + 0.4 * torch.rand(2, generator=generator)) * size
+        radius = (0.1 + 0.15 * torch.rand((), generator=generator)) * size
+        labels = (((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) < radius**2).to(torch.uint8).unsqueeze(0)
+        pixel_values = torch.randn(3, size, size, generator=generator)
+        embeddings = torch.randn(config.mask_decoder_config.hidden_size, embedding_size, embedding_size,
+                                 generator=generator)
+        item = {
+            "adapter_pixel_values": torch.randn(4, 4 * embedding_size, 4 * embedding_size, generator=generator),
+            "labels": labels,
+            "name": f"synthetic-{index}",
+        }
+        item["image_embeddings" if cached else "pixel_values"] = embeddings if cached else pixel_values
+        items.append(item)
+    return items
+
+
+def training_batch(config: SamConfig, batch_size: int, seed: int, cached: bool, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> dict:
+    """A training batch made by [`PASamDataCollator`] from [`training_items`]: one box per image, drawn by the
+    [`PromptSimulator`] from the object mask (noisy box, the trainer's box prompt)."""
+    from .data import PASamDataCollator, PromptSimulator
+
+    collator = PASamDataCollator(PromptSimulator(preset={"boxes": 1.0}, seed=seed))
+    batch = collator(training_items(config, batch_size, seed, cached))
+    tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+    return _autocast_free_inputs(tensors, device, dtype)
+
+
+def pasam_training_step(model: PASamModel, device: str = "cpu") -> Callable[[Mapping], torch.Tensor]:
+    """The trainer's own step (`pasam_hf.training.loop._training_step`) on `model` with the release's trainable
+    set (`mark_trainable`) and Adam: `step(batch)` runs forward, PA-SAM loss, backward and the optimizer step, and
+    returns the loss. A batch with `pixel_values` runs the frozen encoder under `no_grad` first, as the trainer
+    does; one with `image_embeddings` (the embedding cache) skips it. Hard point mining is on (Gumbel top-k), as
+    after the release's warm-up."""
+    from accelerate import Accelerator
+
+    from .training.arguments import TrainingArguments
+    from .training.loop import _training_step, mark_trainable
+
+    # _training_step reads only the gradient-clipping setting; `data` just satisfies the validation.
+    args = TrainingArguments(output_dir=os.devnull, data="in-memory benchmark batch")
+    # Timing on the CPU of a CUDA machine needs cpu=True; elsewhere the default keeps any existing state valid.
+    on_cpu_beside_cuda = not str(device).startswith("cuda") and torch.cuda.is_available()
+    accelerator = Accelerator(cpu=True) if on_cpu_beside_cuda else Accelerator()
+    mark_trainable(model)
+    model.train()
+    model.set_point_mining(True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+
+    def step(batch: Mapping) -> torch.Tensor:
+        loss = _training_step(accelerator, model, model, optimizer, dict(batch), args)
+        if loss is None:
+            raise RuntimeError("the benchmark's training step gave a non-finite loss; its timing would be wrong.")
+        return loss
+
+    return step
+
+
+def sam_training_step(model: SamModel) -> Callable[[Mapping], torch.Tensor]:
+    """SAM's decoder-only step with the same trainable set (the decoder's upscaling, first hypernetwork MLP and
+    mask tokens; SAM has no adapter) and the mask terms of the PA-SAM loss (BCE + Dice on the single mask)."""
+    from .losses import dice_loss, sigmoid_bce
+    from .training.loop import mark_trainable
+
+    mark_trainable(model)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step(batch: Mapping) -> torch.Tensor:
+        outputs = model(image_embeddings=batch["image_embeddings"], input_boxes=batch["input_boxes"],
+                        multimask_output=False)
+        labels = batch["labels"].flatten(0, 1)
+        logits = torch.nn.functional.interpolate(
+            outputs.pred_masks.flatten(0, 2).unsqueeze(1).float(), size=labels.shape[-2:], mode="bilinear"
+        ).squeeze(1)
+        valid = ((labels == 0) | (labels == 1)).float()
+        targets = (labels == 1).float()
+        loss = (sigmoid_bce(logits, targets, valid) + dice_loss(logits, targets, valid)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def bench_training(settings: BenchmarkSettings, batch_size: int = 4) -> BenchmarkTable:
+    """One training step at batch 4 (one box per image): from the embedding cache vs with the frozen encoder in
+    the loop, and PA-SAM's decoder-only step vs SAM's."""
+    config = sam_config(settings.quick)
+    models = build_models(config, kinds=("sam", "pasam"), device=settings.device, dtype=settings.dtype,
+                          seed=settings.seed)
+    batches = {
+        kind: training_batch(config, batch_size, settings.seed, cached=(kind == "cached"), device=settings.device,
+                             dtype=settings.dtype)
+        for kind in ("cached", "encoder")
+    }
+    pasam_step = pasam_training_step(models["pasam"], settings.device)
+    sam_step = sam_training_step(models["sam"])
+    functions = {
+        "pasam cached": lambda: pasam_step(batches["cached"]),
+        "pasam encoder": lambda: pasam_step(batches["encoder"]),
+        "sam cached": lambda: sam_step(batches["cached"]),
+    }
+    repeats = settings.num_repeats(5)
+    times = interleaved_times(functions, repeats, warmup=1, device=settings.device)
+    table = BenchmarkTable(
+        title=f"Training step (batch {batch_size}, one box per image, frozen encoder)",
+        value_columns=list(functions),
+        ratio_columns=["cached/encoder", "pasam/sam cached"],
+    )
+    pairs = {"cached/encoder": ("pasam cached", "pasam encoder"), "pasam/sam cached": ("pasam cached", "sam cached")}
+    table.add_row(f"B={batch_size}", *ratio_row(times, pairs))
+    table.notes.append(_describe(settings, config, repeats))
+    table.notes.append(
+        "pasam: the trainer's step (_training_step: forward with labels, PA-SAM loss, backward, Adam on the "
+        "release's trainable set, point mining on); 'encoder' runs the frozen image encoder under no_grad in the "
+        "step, 'cached' takes the image embeddings as the embedding cache gives them (target cached/encoder <= "
+        "0.1 at ViT-B). sam: same trainable set of SAM's decoder, BCE + Dice on the mask."
+    )
+    return table
+
+
 BENCHMARK_FUNCTIONS: dict[str, Callable[[BenchmarkSettings], BenchmarkTable]] = {
     "decoder": bench_decoder,
     "e2e": bench_end_to_end,
@@ -723,6 +875,7 @@ BENCHMARK_FUNCTIONS: dict[str, Callable[[BenchmarkSettings], BenchmarkTable]] = 
     "amg": bench_amg,
     "memory": bench_memory,
     "precision": bench_precision,
+    "train": bench_training,
 }
 
 

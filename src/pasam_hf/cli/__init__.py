@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "pasam_hf.cli.cache",
     "pasam_hf.cli.evaluate",
     "pasam_hf.cli.benchmark",
+    "pasam_hf.cli.export",
 )
 
 
