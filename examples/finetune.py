@@ -5,6 +5,8 @@
     python examples/finetune.py --data ./my_data --model facebook/sam-vit-base --output-dir ./runs/pasam
     # several GPUs / nodes, DDP, FSDP or DeepSpeed as set up by `accelerate config`
     accelerate launch examples/finetune.py --data ./my_data --model facebook/sam-vit-base --output-dir ./runs/pasam
+    # several CPU processes (DDP over gloo; `--cpu --num_processes 2` would start only one)
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/finetune.py ...
     # continue a stopped run exactly where its last checkpoint left it
     accelerate launch examples/finetune.py ... --resume
 

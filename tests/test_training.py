@@ -237,3 +237,301 @@ def test_embedding_cache_trains_the_same_decoder(tmp_path: Path) -> None:
         build_embedding_cache(model, processor, records, cache, progress=False)
     with pytest.raises(EmbeddingCacheError, match="another image encoder"):
         train(run_args(tmp_path / "other", data=None, embedding_cache=str(cache)), model=tiny_model(seed=1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Real photos, the CLI, several processes, bad files, mixed precision, logging, the Hub, point mining.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state whose mixed precision cannot change: reset it around a test that
+    uses another precision than the rest of the session."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def write_folder(root: Path, records: list[SegmentationRecord]) -> Path:
+    """`images/` + `masks/` (0 / 255 PNGs) of `records`."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for record in records:
+        record.image.save(root / "images" / f"{record.name}.png")
+        Image.fromarray(record.instances[0] * 255).save(root / "masks" / f"{record.name}.png")
+    return root
+
+
+def write_corrupt_pair(root: Path, stem: str) -> None:
+    (root / "images" / f"{stem}.png").write_bytes(b"\x89PNG\r\n\x1a\n this file was cut short")
+    Image.fromarray(np.full((96, 128), 255, np.uint8)).save(root / "masks" / f"{stem}.png")
+
+
+def save_tiny_model(directory: Path) -> Path:
+    model = tiny_model()
+    model.save_pretrained(directory)
+    PASamProcessor.from_model_config(model.config).save_pretrained(directory)
+    return directory
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def test_hq_fixture_loss_goes_down(hq_fixture: list[dict], tmp_path: Path) -> None:
+    from pasam_hf.data import load_records
+
+    records = load_records(Path(hq_fixture[0]["image"]).parents[1])
+    assert len(records) == 8
+    args = run_args(
+        tmp_path, max_steps=24, batch_size=4, augment=False, learning_rate=3e-3, prompt_preset="hq-sam", seed=0
+    )
+    result = train(args, model=tiny_model(), train_records=records)
+    assert len(result.losses) == 24 and all(np.isfinite(result.losses)) and result.bad_samples == []
+    assert np.mean(result.losses[-6:]) < 0.85 * np.mean(result.losses[:6]), result.losses
+
+
+def test_corrupt_file_is_skipped_and_reported_then_too_many_abort(tmp_path: Path, capsys) -> None:
+    data = write_folder(tmp_path / "data", shape_records(10))
+    write_corrupt_pair(data, "broken_scan")
+    # 11 samples, 2 per batch: 6 batches an epoch, one of them holds the broken file.
+    args = run_args(tmp_path / "ok", data=str(data), max_steps=8, max_bad_fraction=0.2)
+    result = train(args, model=tiny_model())
+    assert result.global_step == 8 and result.epochs_completed == 1
+    out = capsys.readouterr().out
+    assert "epoch 0: skipped 1 of 11 samples that could not be used: broken_scan (" in out
+    assert "broken_scan.png" in out  # the reason names the file
+    assert [sample["name"] for sample in result.bad_samples] == ["broken_scan"]
+    assert result.bad_samples[0]["kind"] == "image"
+
+    # 1 of 11 is above the default 10%: the exact end-of-epoch count stops the run, naming the file.
+    from pasam_hf.data import DataQualityError
+
+    strict = r"1 of 11 training samples \(9\.1%\).*max_bad_fraction=0.05.*broken_scan"
+    with pytest.raises(DataQualityError, match=strict):
+        train(run_args(tmp_path / "strict", data=str(data), max_steps=50, max_bad_fraction=0.05), model=tiny_model())
+    for stem in ("a", "b", "c"):
+        write_corrupt_pair(data, f"broken_{stem}")
+    too_many = r"4 of 14 training samples \(28\.6%\).*max_bad_fraction=0.1 .*First: .*broken_a \("
+    with pytest.raises(DataQualityError, match=too_many):
+        train(run_args(tmp_path / "abort", data=str(data), max_steps=50), model=tiny_model())
+
+
+def test_batch_of_only_bad_samples_is_not_a_step(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "data", shape_records(4))
+    write_corrupt_pair(data, "broken")
+    args = run_args(
+        tmp_path, data=str(data), batch_size=1, max_steps=None, num_epochs=2, max_bad_fraction=0.3, augment=False
+    )
+    result = train(args, model=tiny_model())
+    # 5 batches an epoch, 4 usable: two epochs are 8 optimizer steps, none with a made-up zero loss.
+    assert result.global_step == 8 and result.epochs_completed == 2
+    assert len(result.losses) == 8 and min(result.losses) > 0.05
+
+
+def test_streamed_records_train(tmp_path: Path) -> None:
+    import datasets
+
+    from pasam_hf.data import IterableRecords, load_records
+
+    records = shape_records(4)
+    dataset = datasets.Dataset.from_dict(
+        {"image": [r.image for r in records], "mask": [Image.fromarray(r.instances[0] * 255) for r in records]}
+    )
+    stream = load_records(dataset.to_iterable_dataset())
+    assert isinstance(stream, IterableRecords)
+    result = train(run_args(tmp_path, steps_per_epoch=2, max_steps=3), model=tiny_model(), train_records=stream)
+    assert result.global_step == 3 and result.epochs_completed == 1
+    with pytest.raises(ValueError, match="--steps-per-epoch"):
+        train(run_args(tmp_path / "b", max_steps=None, num_epochs=1), model=tiny_model(), train_records=stream)
+
+
+def test_point_mining_switches_on_after_warmup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    forward = PASamModel.forward
+
+    def recording(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        seen.append((self.training, outputs.mined_point_labels is not None))
+        return outputs
+
+    monkeypatch.setattr(PASamModel, "forward", recording)
+    model = tiny_model()
+    # 4 records, 2 per batch: steps 1-2 are epoch 0 (warm-up), steps 3-6 epochs 1-2.
+    train(run_args(tmp_path, max_steps=6, point_mining_warmup_epochs=1), model=model, train_records=shape_records(4))
+    assert seen == [(True, False)] * 2 + [(True, True)] * 4
+    assert model.config.mask_decoder_config.point_mining_in_training
+    seen.clear()
+    never = run_args(tmp_path / "never", max_steps=2, point_mining_warmup_epochs=5)
+    train(never, model=tiny_model(), train_records=shape_records(4))
+    assert seen == [(True, False)] * 2
+
+
+def test_bf16_on_cpu_and_fp16_refused_without_gpu(tmp_path: Path, fresh_accelerate_state) -> None:
+    model = tiny_model()
+    args = run_args(tmp_path, max_steps=2, mixed_precision="bf16")
+    result = train(args, model=model, train_records=shape_records(4))
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    # Autocast, not bf16 weights: every parameter (the LayerNorms included) stays float32.
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if torch.cuda.is_available():
+        pytest.skip("fp16 refusal is for machines without a GPU")
+    # Accelerate would silently train in fp32: the run refuses instead.
+    with pytest.raises(ValueError, match="--mixed-precision fp16 is not available on cpu.*fp16 needs a GPU.*bf16"):
+        train(run_args(tmp_path / "fp16", mixed_precision="fp16"), model=tiny_model(), train_records=shape_records(4))
+
+
+def test_tensorboard_logs(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = run_args(tmp_path, max_steps=3, report_to="tensorboard", log_every=1)
+    train(args, model=tiny_model(), train_records=shape_records(4))
+    events = sorted((Path(args.output_dir) / "logs").rglob("events.out.tfevents.*"))
+    assert events, list((Path(args.output_dir) / "logs").rglob("*"))
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+        if "train/loss" in accumulator.Tags()["scalars"]:
+            assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 3]
+    assert {"train/loss", "train/lr"} <= tags
+
+
+def test_push_to_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from pasam_hf.training import HubUploadError
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("create_branch", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs.pop("repo_id"), kwargs))
+            files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+            assert {"config.json", "model.safetensors", "processor_config.json", "adapter"} <= set(files)
+            return "https://huggingface.co/me/pasam-shapes/commit/123"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    args = run_args(tmp_path, max_steps=1, push_to_hub="me/pasam-shapes", hub_private=True, hub_revision="v1")
+    train(args, model=tiny_model(), train_records=shape_records(2))
+    assert [call[:2] for call in calls] == [
+        ("create_repo", "me/pasam-shapes"),
+        ("create_branch", "me/pasam-shapes"),
+        ("upload_folder", "me/pasam-shapes"),
+    ]
+    assert calls[0][2] == {"private": True, "exist_ok": True}
+    assert calls[1][2]["branch"] == "v1"
+    upload = calls[2][2]
+    assert upload["folder_path"] == args.output_dir and upload["revision"] == "v1"
+    assert set(upload["ignore_patterns"]) == {"checkpoints/*", "logs/*"}
+
+    class OfflineApi(FakeApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    failing = run_args(tmp_path / "offline", max_steps=1, push_to_hub="me/pasam-shapes")
+    with pytest.raises(HubUploadError, match=r"saved in .*offline/run, but uploading it to .*'me/pasam-shapes' failed "
+                       r"\(ConnectionError: Failed to resolve.*hf upload me/pasam-shapes"):
+        train(failing, model=tiny_model(), train_records=shape_records(2))
+    assert (Path(failing.output_dir) / "model.safetensors").is_file()  # nothing learnt is lost
+
+
+def test_processes_that_do_not_see_each_other_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `accelerate launch --multi_gpu --num_processes 2` without a GPU and without ACCELERATE_USE_CPU gives.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes were launched but Accelerate runs each one alone.*USE_CPU=1"):
+        train(run_args(tmp_path), model=tiny_model(), train_records=shape_records(2))
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pasam_hf", "train", *args],
+        cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_train_cli_subprocess(tmp_path: Path) -> None:
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_folder(tmp_path / "data", shape_records(4))
+    common = ["--batch-size", "2", "--report-to", "none", "--no-progress", "--max-instances-per-image", "1"]
+    # The success and the three error paths run side by side: each subprocess mostly waits on imports.
+    runs = {
+        "ok": _run_cli(["--model", str(model_dir), "--data", str(data), "--output-dir", "out", "--max-steps", "2",
+                        *common], tmp_path),
+        "no model": _run_cli(["--data", str(data), "--output-dir", "out2", "--resume"], tmp_path),
+        "missing data": _run_cli(["--model", str(model_dir), "--data", str(tmp_path / "nowhere" / "train"),
+                                  "--output-dir", "out3", *common], tmp_path),
+        "no checkpoint": _run_cli(["--model", str(model_dir), "--data", str(data), "--output-dir", "out4",
+                                   "--resume", *common], tmp_path),
+    }
+    results = {name: (process.wait(timeout=300), *process.communicate()) for name, process in runs.items()}
+    code, out, err = results["ok"]
+    assert code == 0, err[-3000:]
+    assert "final loss" in out and "after 2 steps" in out
+    PASamModel.from_pretrained(tmp_path / "out")
+    expected = {
+        "no model": "no model to fine-tune: pass --model",
+        "missing data": "does not exist; check the path",
+        "no checkpoint": "--resume: no complete checkpoint in",
+    }
+    for name, message in expected.items():
+        code, out, err = results[name]
+        assert code == 2, (name, err[-3000:])
+        errors = [line for line in err.splitlines() if line.startswith("pasam train: error:")]
+        assert len(errors) == 1 and message in errors[0], (name, err[-3000:])
+        assert "Traceback" not in err
+
+
+def test_two_processes_with_accelerate_launch_and_resume(tmp_path: Path) -> None:
+    """DDP on CPU (gloo): Accelerate 1.15 runs several CPU processes with `--multi_gpu` + ACCELERATE_USE_CPU=1
+    (`--cpu --num_processes 2` launches a single process). A broken file gives one process a batch with nothing
+    to train on: both processes must skip that step together, or the gradient all-reduce would hang."""
+    import socket
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_folder(tmp_path / "data", shape_records(10))
+    write_corrupt_pair(data, "broken")
+    with socket.socket() as probe:  # a free port: other runs may hold Accelerate's default 29500
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+
+    def launch(script: list[str], max_steps: int, *extra: str) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+            *script, "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+            "--batch-size", "1", "--max-steps", str(max_steps), "--checkpoint-every", "3", "--report-to", "none",
+            "--no-progress", "--max-instances-per-image", "1", "--max-bad-fraction", "0.2", *extra,
+        ]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+
+    # 11 samples on 2 processes: 6 batches each an epoch (Accelerate repeats one sample), one of them broken.
+    first = launch([str(REPO / "examples" / "finetune.py")], 7)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "7 steps, final loss" in first.stdout
+    assert "epoch 0: skipped 1 of 12 samples that could not be used: broken (" in first.stdout
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000007" / "trainer_state.json").read_text())
+    assert state["global_step"] == 7 and state["epoch"] == 1 and state["bad_samples"] == 1
+    first_weights = PASamModel.from_pretrained(tmp_path / "run").state_dict()
+
+    second = launch(["-m", "pasam_hf", "train"], 9, "--resume")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout and "step 7" in second.stdout
+    assert "after 9 steps" in second.stdout
+    resumed = PASamModel.from_pretrained(tmp_path / "run").state_dict()
+    assert any(not torch.equal(resumed[name], first_weights[name]) for name in first_weights)

@@ -76,9 +76,8 @@ def mark_trainable(model: PASamModel) -> list[str]:
     other masks never get a gradient: they stay frozen too, which keeps DDP from waiting for their gradients
     (the release's optimizer never moved them either).
     """
-    unused = tuple(
-        f"mask_decoder.output_hypernetworks_mlps.{index}." for index in range(1, model.config.mask_decoder_config.num_multimask_outputs + 1)
-    )
+    num_outputs = model.config.mask_decoder_config.num_multimask_outputs
+    unused = tuple(f"mask_decoder.output_hypernetworks_mlps.{index}." for index in range(1, num_outputs + 1))
     names = {name for name in trainable_parameter_names(model) if not name.startswith(unused)}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name in names)
@@ -158,6 +157,12 @@ def train(
                 f"--mixed-precision fp16 needs a GPU ({error}); use --mixed-precision bf16 on a CPU, or no."
             ) from error
         raise
+    if args.mixed_precision != "no" and not accelerator.native_amp:
+        # Accelerate would quietly train in fp32 (fp16 on a CPU): say so rather than pretend.
+        raise ValueError(
+            f"--mixed-precision {args.mixed_precision} is not available on {accelerator.device.type} (Accelerate "
+            "would train in fp32 without autocast); fp16 needs a GPU: use --mixed-precision bf16 on a CPU, or no."
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         # Every process would train alone and write the same output directory.
@@ -407,7 +412,8 @@ def _training_step(
             loss = model(image_embeddings=image_embeddings, multimask_output=False, **inputs).loss
         finite = usable and bool(torch.isfinite(loss.detach()))
         # Per process: has data, has a non-finite loss (ints: gloo gathers no bools).
-        flags = accelerator.gather(torch.tensor([[int(usable), int(usable and not finite)]], device=accelerator.device))
+        flags = torch.tensor([[int(usable), int(usable and not finite)]], device=accelerator.device)
+        flags = accelerator.gather(flags)
         if bool(flags[:, 1].any()) or not bool(flags[:, 0].all()):
             optimizer.zero_grad(set_to_none=True)  # a no-op except on the micro-batch that would step
             return ("nonfinite" if bool(flags[:, 1].any()) else "no_data"), None
@@ -454,7 +460,9 @@ def _end_of_epoch(
     if bad:
         shown = ", ".join(f"{sample['name']} ({sample['reason']})" for sample in samples[:10])
         more = f" and {len(samples) - 10} more" if len(samples) > 10 else ""
-        accelerator.print(f"epoch {state.epoch}: skipped {bad} of {seen} samples that could not be used: {shown}{more}")
+        accelerator.print(
+            f"epoch {state.epoch}: skipped {bad} of {seen} samples that could not be used: {shown}{more}"
+        )
     _check_data_quality(accelerator, tracker, epoch_complete=True)
     tracker.reset()
 
