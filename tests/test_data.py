@@ -92,7 +92,8 @@ def test_hqseg_im_gt_preset_with_subsets(tmp_path: Path) -> None:
     write_pair(tmp_path / "DIS-VD", "im", "gt", "2", disc_mask())
     write_pair(tmp_path / "COIFT", "im", "gt", "x", disc_mask())
     pairs = find_folder_pairs(tmp_path, layout="im-gt")
-    assert [(image.name, subset) for image, _, subset in pairs] == [("x.png", "COIFT"), ("1.png", "DIS-VD"), ("2.png", "DIS-VD")]
+    expected = [("x.png", "COIFT"), ("1.png", "DIS-VD"), ("2.png", "DIS-VD")]
+    assert [(image.name, subset) for image, _, subset in pairs] == expected
     records = load_records(tmp_path)
     assert records.subsets == ["COIFT", "DIS-VD"]
     assert records[1].subset == "DIS-VD" and records[1].name == "DIS-VD/1"
@@ -438,7 +439,8 @@ def test_evaluation_geometry_is_sams(tiny_processor: PASamProcessor) -> None:
     assert torch.allclose(item["pixel_values"], reference["pixel_values"][0], atol=0.1)
     labels = item["labels"][0]
     red = item["pixel_values"][0]
-    assert (red[labels == 1] > 1.5).float().mean() > 0.9 and (red[:height][labels[:height] == 0] < 0).float().mean() > 0.9
+    assert (red[labels == 1] > 1.5).float().mean() > 0.9
+    assert (red[:height][labels[:height] == 0] < 0).float().mean() > 0.9
 
 
 # --------------------------------------------------------------------------------------------------- prompts
@@ -504,7 +506,8 @@ def test_noisy_masks_follow_the_incoherent_band_recipe() -> None:
     assert prompts.shape == (1, 2, 256, 256) and prompts.dtype == torch.float32
     assert set(prompts.unique().tolist()) <= {0.0, 1.0}
     target = F.interpolate(disc[None, None].float(), size=(256, 256), mode="bilinear", align_corners=False)[0, 0]
-    blurred = F.interpolate(F.interpolate(target[None, None], size=32, mode="bilinear"), size=256, mode="bilinear")[0, 0]
+    small = F.interpolate(target[None, None], size=32, mode="bilinear")
+    blurred = F.interpolate(small, size=256, mode="bilinear")[0, 0]
     band = (target - blurred).abs() >= 0.01
     noisy = prompts[0, 0]
     # Outside the band the prompt is the thresholded ground truth; the band hugs the boundary.
