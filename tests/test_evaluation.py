@@ -295,3 +295,27 @@ def test_training_evaluates_after_each_epoch(tiny, records, tmp_path, capsys):
     train(args, model=model, train_records=records[:2], eval_records=records)
     line = next(line for line in capsys.readouterr().out.splitlines() if "evaluation" in line)
     assert line.startswith("epoch 0 evaluation: mIoU ") and "over 5 objects (1 skipped)" in line
+
+
+def test_training_evaluates_the_last_epoch_and_a_run_stopped_mid_epoch(tiny, records, tmp_path, capsys):
+    from pasam_hf.training import TrainingArguments, train
+
+    def evaluation_lines(**overrides) -> list[str]:
+        torch.manual_seed(0)
+        settings = dict(
+            output_dir=str(tmp_path / f"run{len(overrides)}"), data="in-memory", batch_size=2, checkpoint_every=100,
+            report_to="none", progress=False, max_instances_per_image=2,
+        )
+        train(TrainingArguments(**{**settings, **overrides}), model=PASamModel(tiny_config()),
+              train_records=records[:4], eval_records=records)
+        return [line for line in capsys.readouterr().out.splitlines() if "evaluation:" in line]
+
+    # One epoch of two steps, ended by the step count: the finished epoch is still evaluated, once.
+    lines = evaluation_lines(num_epochs=1)
+    assert [line.split(" evaluation")[0] for line in lines] == ["epoch 0"]
+    # Stopped by --max-steps inside the first epoch: the saved weights are evaluated at that step.
+    lines = evaluation_lines(num_epochs=5, max_steps=1)
+    assert [line.split(" evaluation")[0] for line in lines] == ["step 1"]
+    # Exactly at an epoch's end: evaluated as that epoch, not twice.
+    lines = evaluation_lines(num_epochs=5, max_steps=2)
+    assert [line.split(" evaluation")[0] for line in lines] == ["epoch 0"]

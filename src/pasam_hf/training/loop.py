@@ -266,6 +266,8 @@ def train(
     )
     running_loss = torch.zeros((), device=accelerator.device)
     running_count = 0
+    evaluating = eval_records is not None or args.eval_data is not None
+    evaluated_step = None
     started = time.perf_counter()
     try:
         while state.global_step < total_steps and state.epoch < args.num_epochs:
@@ -279,6 +281,7 @@ def train(
             epoch_loader = dataloader
             if state.batches_in_epoch:
                 epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            reached_max_steps = False
             for items in epoch_loader:
                 batch_index = state.batches_in_epoch
                 state.batches_in_epoch += 1
@@ -339,17 +342,22 @@ def train(
                 if state.global_step % args.checkpoint_every == 0:
                     result.last_checkpoint = str(checkpoints.save(state))
                 if state.global_step >= total_steps:
+                    reached_max_steps = True
                     break
-            else:
-                # The epoch ran to its end: report its data problems, evaluate, move on.
-                _end_of_epoch(accelerator, bad_samples, state, result)
-                state.epoch += 1
-                state.batches_in_epoch = 0
-                if eval_records is not None or args.eval_data is not None:
-                    _evaluate(accelerator, unwrapped, processor, args, eval_records, state)
-                    unwrapped.train()
-                continue
-            break
+            # The last step may also have been the epoch's last batch: that epoch is complete all the same.
+            epoch_complete = not reached_max_steps or (
+                not streamed and batches_per_epoch is not None and state.batches_in_epoch >= batches_per_epoch
+            )
+            if not epoch_complete:
+                break
+            # The epoch ran to its end: report its data problems, evaluate, move on.
+            _end_of_epoch(accelerator, bad_samples, state, result)
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            if evaluating:
+                _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"epoch {epoch}")
+                evaluated_step = state.global_step
+                unwrapped.train()
     except KeyboardInterrupt:
         # Keep what was learnt: an interrupted run resumes from here with --resume.
         if state.global_step > 0:
@@ -362,6 +370,10 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     # 7. Save: a last checkpoint, the full model + processor (loadable with from_pretrained), the adapter alone.
     # ---------------------------------------------------------------------------------------------------------
+    if evaluating and evaluated_step != state.global_step:
+        # Stopped by --max-steps inside an epoch: the saved weights are evaluated too.
+        _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"step {state.global_step}")
+        unwrapped.train()
     result.global_step = state.global_step
     result.epochs_completed = state.epoch
     result.nonfinite_steps = state.nonfinite_steps
@@ -467,7 +479,8 @@ def _end_of_epoch(
     tracker.reset()
 
 
-def _evaluate(accelerator, model, processor, args, eval_records, state) -> None:
+def _evaluate(accelerator, model, processor, args, eval_records, state, label: str) -> None:
+    """Evaluate on the main process (box prompts, docs/evaluation.md), print `<label> evaluation: ...` and log it."""
     from ..evaluation import evaluate_model
 
     if not accelerator.is_main_process:
@@ -485,7 +498,7 @@ def _evaluate(accelerator, model, processor, args, eval_records, state) -> None:
     metrics = evaluate_model(model, processor, eval_records, progress=False)
     average = metrics.mean_of_means()
     accelerator.print(
-        f"epoch {state.epoch - 1} evaluation: mIoU {100 * average['mean_iou']:.2f}, mBIoU "
+        f"{label} evaluation: mIoU {100 * average['mean_iou']:.2f}, mBIoU "
         f"{100 * average['mean_boundary_iou']:.2f} over {len(metrics)} objects ({metrics.skipped} skipped)"
     )
     # The average is the mean of the subset means (docs/evaluation.md); each subset is logged too.
