@@ -55,6 +55,8 @@ SUB_CONFIGS = {
 }
 # Keys that transformers 4.x wrote into every config (its PretrainedConfig attributes, generation settings
 # included). transformers 5 ignores them, and SAM configs from the Hub carry them into converted PA-SAM configs.
+# `use_cache` is set on every model's config by transformers' `Trainer`, so models it saves carry it; PA-SAM has no
+# cache, so its value changes nothing.
 LEGACY_CONFIG_KEYS = frozenset({
     "_attn_implementation_autoset", "_commit_hash", "_name_or_path", "add_cross_attention", "attn_implementation",
     "bad_words_ids", "begin_suppress_tokens", "bos_token_id", "cross_attention_hidden_size",
@@ -65,7 +67,7 @@ LEGACY_CONFIG_KEYS = frozenset({
     "output_attentions", "output_scores", "pad_token_id", "per_layer_config", "prefix", "pruned_heads",
     "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id", "suppress_tokens",
     "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k",
-    "top_p", "torch_dtype", "torchscript", "typical_p", "use_bfloat16",
+    "top_p", "torch_dtype", "torchscript", "typical_p", "use_bfloat16", "use_cache",
 })
 # Weight files transformers reads with pickle (torch.load): never read by default.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -876,7 +876,7 @@ class PASamModel(SamModel):
             adapter (`str`, *optional*): an adapter-only artifact (directory or Hub id written by
                 `pasam_hf.adapters.save_adapter`) to load on top of the SAM weights; its adapter settings are used
                 (an `adapter_config` entry that contradicts them raises) and `adapter_init` is ignored.
-            kwargs: passed to `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
+            **kwargs (*optional*): passed to `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
         """
         if adapter_init not in ("zero", "random"):
             raise ValueError(f"adapter_init must be 'zero' or 'random', got {adapter_init!r}.")

@@ -147,7 +147,8 @@ class PASamTrainingDataset(_EpochMixin, Dataset):
         processor: a [`PASamProcessor`] matching the model (`PASamProcessor.from_model_config(config)`).
         augment (`bool`, defaults to `True`): flip + large-scale jitter; `False` for the evaluation geometry.
         seed (`int`, defaults to 0): augmentation seed (see the module docstring).
-        scale_range, flip_probability: see [`LargeScaleJitter`].
+        scale_range (`tuple[float, float]`, defaults to `(0.1, 2.0)`): see [`LargeScaleJitter`].
+        flip_probability (`float`, defaults to 0.5): see [`LargeScaleJitter`].
     """
 
     def __init__(

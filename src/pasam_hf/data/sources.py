@@ -426,9 +426,13 @@ def load_records(
             images and masks; a `save_to_disk` directory; or anything `datasets.load_dataset` accepts (local
             directory, Hub id).
         split: Split of a dataset dict / `load_dataset` source (ignored for folders and single datasets).
-        image_column, mask_column: Columns of `datasets` sources holding the image and the mask.
+        image_column: Column of `datasets` sources holding the image.
+        mask_column: Column of `datasets` sources holding the mask.
         layout: Folder layout: `"auto"`, `"images-masks"`, `"im-gt"` or `(image_folder, mask_folder)`.
-        void_value, instance_mode, mask_format, resize_masks: How masks are decoded, see [`decode_mask`].
+        void_value: Label-map value to ignore (`None`: there is none); masks are decoded by [`decode_mask`].
+        instance_mode: `"binary"` (all objects one mask) or `"split"` (one mask per object value).
+        mask_format: `"auto"`, `"labels"`, `"threshold"` or `"trimap"`.
+        resize_masks: Resize masks whose size differs from their image's.
         streaming: Stream `load_dataset` / `save_to_disk` sources instead of loading them (datasets larger than
             memory); the result is then an [`IterableRecords`].
 
