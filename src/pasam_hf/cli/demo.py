@@ -171,9 +171,9 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--threads is {args.threads}; use 1 or more.")
     out = _check_writable(Path(args.out).expanduser())
     settings = _settings(args.steps, args.quick)
-    # The small model's matrices are too small for intra-op threads to pay off, and when other programs share the
-    # CPU, torch's spinning OpenMP threads make each step tens of times slower (measured: 0.07 s with one thread,
-    # 3 s with two, on 2 busy cores).
+    # The small model gains little from intra-op threads on an idle CPU, and when other programs share the CPU,
+    # torch's spinning OpenMP threads make each step tens of times slower (measured: 0.07 s per step with one
+    # thread, 3 s with two, on 2 busy cores).
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(UNTRAINED_WARNING)
@@ -201,8 +201,8 @@ def run_demo(args: argparse.Namespace) -> int:
         # One learning rate throughout: the release's x0.1 decay every 10 epochs assumes 21 long epochs.
         lr_decay_epochs=10**6,
         point_mining_warmup_epochs=settings["mining_warmup_epochs"],
-        # Procedural data is unlimited: fresh images instead of large-scale jitter, which would shrink strokes
-        # that are 1-4 px wide to nothing.
+        # No large-scale jitter: scaling by 0.1-2.0 would shrink strokes 1-4 px wide to nothing, and procedural
+        # data can simply draw more images instead.
         augment=False,
         checkpoint_every=settings["steps"],
         report_to="none",
