@@ -63,7 +63,7 @@ else:
 
 # %% Automatic masks
 # The thresholds are SAM's defaults; a random model predicts low IoU everywhere, so --tiny keeps every mask.
-filters = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0) if args.tiny else {}
+filters = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0} if args.tiny else {}
 result = generator(
     image,
     points_per_crop=args.points_per_side or (4 if args.tiny else 32),

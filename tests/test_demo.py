@@ -23,7 +23,8 @@ ROW = re.compile(r"^(before|after|change)\s+([+-]?\d+\.\d+)\s+([+-]?\d+\.\d+)\s*
 
 def run_demo(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pasam_hf", "demo", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+        [sys.executable, "-m", "pasam_hf", "demo", *args],
+        check=False, capture_output=True, text=True, timeout=timeout, env=ENV,
     )
 
 

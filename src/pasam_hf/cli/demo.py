@@ -58,10 +58,10 @@ def _settings(steps: int | None, quick: bool) -> dict[str, int | float]:
     """Sizes of the run. The default is tuned for a clear IoU gain within the time budget; `--quick` only checks
     that every stage runs (seconds)."""
     if quick:
-        return dict(steps=steps or QUICK_STEPS, train_images=8, eval_images=4, pictures=2, batch_size=2,
-                    learning_rate=1e-3, mining_warmup_epochs=1)
-    return dict(steps=steps or DEFAULT_STEPS, train_images=256, eval_images=24, pictures=4, batch_size=4,
-                learning_rate=2e-3, mining_warmup_epochs=4)
+        return {"steps": steps or QUICK_STEPS, "train_images": 8, "eval_images": 4, "pictures": 2, "batch_size": 2,
+                "learning_rate": 1e-3, "mining_warmup_epochs": 1}
+    return {"steps": steps or DEFAULT_STEPS, "train_images": 256, "eval_images": 24, "pictures": 4, "batch_size": 4,
+            "learning_rate": 2e-3, "mining_warmup_epochs": 4}
 
 
 def _check_writable(out: Path) -> Path:
@@ -153,8 +153,10 @@ def _score_table(before: dict[str, float], after: dict[str, float], count: int) 
         f"{'':<8}{'mIoU':>8}{'mBIoU':>8}",
         f"{'before':<8}{100 * before['mean_iou']:>8.2f}{100 * before['mean_boundary_iou']:>8.2f}",
         f"{'after':<8}{100 * after['mean_iou']:>8.2f}{100 * after['mean_boundary_iou']:>8.2f}",
-        f"{'change':<8}{100 * (after['mean_iou'] - before['mean_iou']):>+8.2f}"
-        f"{100 * (after['mean_boundary_iou'] - before['mean_boundary_iou']):>+8.2f}",
+        (
+            f"{'change':<8}{100 * (after['mean_iou'] - before['mean_iou']):>+8.2f}"
+            f"{100 * (after['mean_boundary_iou'] - before['mean_boundary_iou']):>+8.2f}"
+        ),
     ]
     return "\n".join(lines)
 
