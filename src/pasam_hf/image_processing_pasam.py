@@ -32,7 +32,8 @@ def wrap_to_uint8(values: torch.Tensor) -> torch.Tensor:
     # float -> int32 truncates toward zero, int32 -> uint8 keeps the low byte (wraps modulo 256). Normalised pixels
     # are far inside int32's range; larger magnitudes are reduced first so the cast stays defined.
     values = values.float()
-    values = torch.where(values.abs() < 2**31, values, torch.fmod(torch.trunc(values), 256))
+    if values.numel() and bool(values.abs().amax() >= 2**31):
+        values = torch.fmod(torch.trunc(values), 256)
     return values.to(torch.int32).to(torch.uint8)
 
 
@@ -65,9 +66,10 @@ def canny_edge_map(
         mean = torch.tensor(image_mean, dtype=torch.float32, device=channels.device).view(1, -1, 1, 1)
         std = torch.tensor(image_std, dtype=torch.float32, device=channels.device).view(1, -1, 1, 1)
         as_uint8 = ((channels * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-    images = as_uint8.permute(0, 2, 3, 1).cpu().numpy()
-    edges = np.stack([cv2.Canny(np.ascontiguousarray(image), low_threshold, high_threshold) for image in images])
-    return torch.from_numpy(edges).to(device=channels.device, dtype=torch.float32).unsqueeze(1) / 255.0
+    images = as_uint8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    edges = np.stack([cv2.Canny(image, low_threshold, high_threshold) for image in images])
+    # Canny writes 0 or 255: the edge channel is that divided by 255, i.e. exactly 0.0 or 1.0.
+    return torch.from_numpy(edges).unsqueeze(1).to(device=channels.device).gt(0).float()
 
 
 def resize_bilinear(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
