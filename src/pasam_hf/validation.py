@@ -326,6 +326,9 @@ def prepare_images(
         array = to_rgb_uint8(image, name, data_format)
         if longest_edge:
             check_resizable(array.shape[0], array.shape[1], longest_edge, name)
+        if not array.flags.writeable:
+            # np.asarray(PIL image) is read-only; torch.from_numpy inside transformers would warn about it.
+            array = array.copy()
         prepared.append(array)
     return prepared
 

@@ -23,7 +23,6 @@ import json
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -210,11 +209,7 @@ def run_demo(args: argparse.Namespace) -> int:
         report_to="none",
         seed=args.seed,
     )
-    with warnings.catch_warnings():
-        # The records' images are already 256 px, so the data layer hands the processor numpy views of the PIL
-        # images, which are read-only; torch warns once about that, though nothing writes to them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        result = train(training_args, model=model, processor=processor, train_records=train_records)
+    result = train(training_args, model=model, processor=processor, train_records=train_records)
     # The demo never resumes: the checkpoint train() leaves for --resume would only double the folder's size.
     shutil.rmtree(out / "model" / "checkpoints", ignore_errors=True)
 
