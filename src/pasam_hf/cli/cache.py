@@ -41,19 +41,12 @@ def _cuda() -> bool:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_records
+    from ..data import load_records_from_flags
     from ..loading import load_model_and_processor
     from ..training.cache import build_embedding_cache
 
     model, processor = load_model_and_processor(args.model, device=args.device)
-    records = load_records(
-        args.data,
-        split=args.split,
-        image_column=args.image_column,
-        mask_column=args.mask_column,
-        void_value=args.void_value,
-        instance_mode=args.instance_mode,
-    )
+    records = load_records_from_flags(args, args.data, split=args.split)
     path = build_embedding_cache(
         model,
         processor,

@@ -66,7 +66,7 @@ def _check_data(data: str) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..data import load_records
+    from ..data import load_records_from_flags
     from ..evaluation import evaluate_model
     from .segment import load_model, prepare_output_dir, resolve_device
 
@@ -76,14 +76,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"--dilation-ratio is {args.dilation_ratio}; use a fraction of the diagonal, e.g. 0.02.")
     resolve_device(args.device)  # a bad --device is reported before anything is loaded
     _check_data(args.data)
-    records = load_records(
-        args.data,
-        split=args.split,
-        image_column=args.image_column,
-        mask_column=args.mask_column,
-        void_value=None if args.void_value < 0 else args.void_value,
-        instance_mode=args.instance_mode,
-    )
+    records = load_records_from_flags(args, args.data, split=args.split)
     out = prepare_output_dir(Path(args.out).expanduser()) if args.out else None
     model, processor = load_model(args)
     metrics = evaluate_model(

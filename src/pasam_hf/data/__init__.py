@@ -33,6 +33,7 @@ from .sources import (
     find_folder_pairs,
     load_record_sequence,
     load_records,
+    load_records_from_flags,
 )
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "load_mask_array",
     "load_record_sequence",
     "load_records",
+    "load_records_from_flags",
     "resize_longest_and_pad",
     "resize_mask_nearest",
 ]

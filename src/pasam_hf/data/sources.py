@@ -477,6 +477,22 @@ def load_record_sequence(source: Any, **kwargs: Any) -> RecordSequence:
     return records
 
 
+def load_records_from_flags(flags: Any, data: str, split: str = "train", streaming: bool = False):
+    """[`load_records`] with the decoding settings the `pasam` commands share: `flags` is an argparse namespace or
+    [`TrainingArguments`] with `image_column`, `mask_column`, `void_value` (a negative value: no void label) and
+    `instance_mode`."""
+    void_value = flags.void_value
+    return load_records(
+        data,
+        split=split,
+        image_column=flags.image_column,
+        mask_column=flags.mask_column,
+        void_value=None if void_value is not None and void_value < 0 else void_value,
+        instance_mode=flags.instance_mode,
+        streaming=streaming,
+    )
+
+
 def as_record_sequence(records: Sequence[SegmentationRecord] | RecordSequence) -> RecordSequence:
     """Wrap a plain list of records so that it has `sample_name`."""
     return records if isinstance(records, RecordSequence) else _ListRecords(list(records))
@@ -508,4 +524,5 @@ __all__ = [
     "find_folder_pairs",
     "load_record_sequence",
     "load_records",
+    "load_records_from_flags",
 ]

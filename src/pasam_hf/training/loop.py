@@ -32,7 +32,7 @@ from ..data import (
     PASamIterableTrainingDataset,
     PASamTrainingDataset,
     PromptSimulator,
-    load_records,
+    load_records_from_flags,
 )
 from ..loading import load_model_and_processor
 from ..modeling_pasam import PASamModel
@@ -100,15 +100,7 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
 
         return EmbeddingCacheDataset(args.embedding_cache, model=model)
     if records is None:
-        records = load_records(
-            args.data,
-            split=args.split,
-            image_column=args.image_column,
-            mask_column=args.mask_column,
-            void_value=args.void_value,
-            instance_mode=args.instance_mode,
-            streaming=args.streaming,
-        )
+        records = load_records_from_flags(args, args.data, split=args.split, streaming=args.streaming)
     if isinstance(records, Sequence):
         return PASamTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
     # A stream (IterableRecords, a generator): read it as it comes instead of materialising it.
@@ -487,14 +479,7 @@ def _evaluate(accelerator, model, processor, args, eval_records, state, label: s
         accelerator.wait_for_everyone()
         return
     if eval_records is None:
-        eval_records = load_records(
-            args.eval_data,
-            split=args.eval_split,
-            image_column=args.image_column,
-            mask_column=args.mask_column,
-            void_value=args.void_value,
-            instance_mode=args.instance_mode,
-        )
+        eval_records = load_records_from_flags(args, args.eval_data, split=args.eval_split)
     metrics = evaluate_model(model, processor, eval_records, progress=False)
     average = metrics.mean_of_means()
     accelerator.print(
