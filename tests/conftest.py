@@ -17,8 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pasam_hf import PASamConfig, PASamModel, PASamProcessor  # noqa: E402
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine they lose a lot (ten training steps:
-# 0.6 s with one thread, 13 s with two while another process runs). PASAM_TEST_THREADS overrides.
-torch.set_num_threads(int(os.environ.get("PASAM_TEST_THREADS", "1")))
+# 0.6 s with one thread, 13 s with two while another process runs). PASAM_TEST_THREADS overrides. Subprocesses
+# (CLI tests) inherit the same count through OMP_NUM_THREADS, so their float sums match this process's.
+TEST_THREADS = int(os.environ.get("PASAM_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PASAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -177,6 +177,7 @@ def test_remote_code_loads_without_the_package(saved: Path, model: PASamModel, p
 import sys
 sys.modules["pasam_hf"] = None  # the package is not importable: everything must come from the checkpoint
 import torch
+torch.set_num_threads({torch.get_num_threads()})  # the same float sums as this process, for bit-equal masks
 from transformers import AutoModelForMaskGeneration, AutoProcessor
 model = AutoModelForMaskGeneration.from_pretrained({str(saved)!r}, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained({str(saved)!r}, trust_remote_code=True)
