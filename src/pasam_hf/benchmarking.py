@@ -27,6 +27,7 @@ from transformers import SamConfig, SamHQConfig, SamHQModel, SamModel, SamProces
 
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
+from . import metrics
 from .configuration_pasam import PASamConfig
 from .image_processing_pasam import PASamImageProcessorPil
 from .modeling_pasam import PASamModel
@@ -596,10 +597,6 @@ def bench_memory(settings: BenchmarkSettings, num_boxes: int = 16) -> BenchmarkT
     return table
 
 
-def mask_iou(first: torch.Tensor, second: torch.Tensor) -> float:
-    """IoU of two boolean masks; 1.0 when both are empty."""
-    union = (first | second).sum().item()
-    return 1.0 if union == 0 else (first & second).sum().item() / union
 
 
 def precision_inputs(processor: PASamProcessor, photos: Sequence[tuple[np.ndarray, list[float]]]) -> list[dict]:
@@ -708,7 +705,7 @@ def bench_precision(settings: BenchmarkSettings, dtypes: Sequence[torch.dtype] =
     repeats = settings.num_repeats(3)
     for dtype in dtypes:
         masks = predict_masks(model, inputs, dtype, settings.device)
-        ious = [mask_iou(a, b) for a, b in zip(masks, reference)]
+        ious = [metrics.mask_iou(a, b).item() for a, b in zip(masks, reference)]  # 1.0 when both are empty
         functions = {}
         for name, run_dtype in (("fp32", torch.float32), ("low", dtype)):
             functions[name] = _precision_caller(model, inputs[0], run_dtype, settings.device)

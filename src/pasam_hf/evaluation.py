@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import masks_to_boxes
 from tqdm.auto import tqdm
 
 from .data.records import FOREGROUND, IGNORE, SegmentationRecord
@@ -47,17 +48,10 @@ def box_prompts(foreground: torch.Tensor) -> torch.Tensor:
     """
     if foreground.ndim != 3:
         raise ValueError(f"foreground must have shape (K, H, W), got {tuple(foreground.shape)}.")
-    columns = foreground.any(dim=1)  # (K, W)
-    rows = foreground.any(dim=2)  # (K, H)
-    if not bool(columns.any(dim=1).all()):
+    if not bool(foreground.flatten(1).any(dim=1).all()):
         raise ValueError("every mask needs a foreground pixel to have a box; leave empty masks out first.")
-    width, height = columns.shape[1], rows.shape[1]
-    # The first set index of each row of a bool matrix is the argmax; the last is found on the flipped matrix.
-    x_min = columns.int().argmax(dim=1)
-    x_max = width - 1 - columns.flip(1).int().argmax(dim=1)
-    y_min = rows.int().argmax(dim=1)
-    y_max = height - 1 - rows.flip(1).int().argmax(dim=1)
-    boxes = torch.stack([x_min, y_min, x_max, y_max], dim=1).float()
+    # The training prompts' tight boxes (PromptSimulator.tight_boxes) come from the same function.
+    boxes = masks_to_boxes(foreground).float()
     boxes[:, 2] = torch.where(boxes[:, 2] > boxes[:, 0], boxes[:, 2], boxes[:, 0] + 1)
     boxes[:, 3] = torch.where(boxes[:, 3] > boxes[:, 1], boxes[:, 3], boxes[:, 1] + 1)
     return boxes
