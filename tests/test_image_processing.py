@@ -1,4 +1,5 @@
-"""The adapter input's resize and uint8 wrap: identical to the release's `F.interpolate` and x86 numpy cast."""
+"""The adapter input: resize and uint8 wrap identical to the release's `F.interpolate` and x86 numpy cast, and the
+processor's image-region-only computation identical to the full one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pasam_hf.image_processing_pasam import resize_bilinear, wrap_to_uint8
+from conftest import synthetic_image
+from pasam_hf import PASamConfig, PASamProcessor
+from pasam_hf.image_processing_pasam import compute_adapter_pixel_values, resize_bilinear, wrap_to_uint8
 
 
 @pytest.fixture
@@ -58,3 +61,52 @@ def test_wrap_to_uint8_truncates_then_wraps() -> None:
     expected = np.mod(np.trunc(values.double().numpy()).astype(np.int64), 256).astype(np.uint8)
     assert wrap_to_uint8(values).numpy().tolist() == expected.tolist()
     assert wrap_to_uint8(torch.tensor([-1.3, 2.4])).tolist() == [255, 2]
+
+
+def _sam_sized_processor() -> PASamProcessor:
+    # SAM's 1024 input and 256 adapter side: the sizes the region-only path is written for.
+    return PASamProcessor.from_model_config(PASamConfig())
+
+
+def _assert_processor_matches_full_computation(processor: PASamProcessor, image: np.ndarray, edge_mode: str) -> None:
+    encoding = processor(images=image, return_tensors="pt", edge_mode=edge_mode)
+    full = compute_adapter_pixel_values(encoding["pixel_values"], edge_mode=edge_mode)
+    assert torch.equal(encoding["adapter_pixel_values"], full), (image.shape, edge_mode)
+
+
+@pytest.mark.parametrize("edge_mode", ["official", "rgb"])
+@pytest.mark.parametrize(
+    ("height", "width"), [(96, 128), (97, 1023), (1023, 97), (301, 299), (5, 7), (64, 64), (513, 1024), (600, 599)]
+)
+def test_processor_region_only_adapter_input_equals_the_full_computation(
+    height: int, width: int, edge_mode: str
+) -> None:
+    # Sizes whose resized side is not a multiple of the 4x factor put a 2 x 2 block across the padding border.
+    image = synthetic_image(height, width, seed=height + width)
+    _assert_processor_matches_full_computation(_sam_sized_processor(), image, edge_mode)
+
+
+def test_processor_region_only_adapter_input_on_real_photos(shared_data) -> None:
+    from PIL import Image
+
+    photos = sorted((shared_data / "davis345").rglob("*.jpg"))[::40] + sorted((shared_data / "hq-fixture").rglob("*.jpg"))
+    if not photos:
+        pytest.skip("no photos in the shared data")
+    processor = _sam_sized_processor()
+    for path in photos:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for edge_mode in ("official", "rgb"):
+            _assert_processor_matches_full_computation(processor, image, edge_mode)
+
+
+def test_region_only_path_checks_its_sizes_and_batches() -> None:
+    processor = _sam_sized_processor()
+    images = [synthetic_image(200, 300, seed=1), synthetic_image(300, 150, seed=2)]
+    encoding = processor(images=images, return_tensors="pt")
+    full = compute_adapter_pixel_values(encoding["pixel_values"])
+    assert torch.equal(encoding["adapter_pixel_values"], full)
+    assert torch.equal(
+        compute_adapter_pixel_values(encoding["pixel_values"], valid_sizes=encoding["reshaped_input_sizes"]), full
+    )
+    with pytest.raises(ValueError, match="valid_sizes has 1 entries for 2 images"):
+        compute_adapter_pixel_values(encoding["pixel_values"], valid_sizes=[[200, 300]])

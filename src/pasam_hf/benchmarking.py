@@ -428,17 +428,26 @@ def bench_processor(settings: BenchmarkSettings) -> BenchmarkTable:
     images = _photos(settings, 4 if settings.quick else 40, table)
     if not images:
         return table
-    times: dict[str, list[float]] = {"sam": [], "pasam": []}
-    for image in images:
-        height, width = image.shape[:2]
-        box = [[[width * 0.2, height * 0.2, width * 0.8, height * 0.8]]]
-        functions = {
-            kind: (lambda processor=processor: processor(images=image, input_boxes=box, return_tensors="pt"))
-            for kind, processor in processors.items()
-        }
-        for name, samples in interleaved_times(functions, repeats=settings.num_repeats(3), warmup=1).items():
-            times[name].append(statistics.median(samples))
-    table.add_row(f"{len(images)} photos", *ratio_row(times, {"pasam/sam": ("pasam", "sam")}))
+    default_threads = torch.get_num_threads()
+    # A DataLoader worker runs its processor with one torch thread: the setting of a training or batch job.
+    for threads in dict.fromkeys((default_threads, 1)):
+        times: dict[str, list[float]] = {"sam": [], "pasam": []}
+        torch.set_num_threads(threads)
+        try:
+            for image in images:
+                height, width = image.shape[:2]
+                box = [[[width * 0.2, height * 0.2, width * 0.8, height * 0.8]]]
+                functions = {
+                    kind: (lambda processor=processor: processor(images=image, input_boxes=box, return_tensors="pt"))
+                    for kind, processor in processors.items()
+                }
+                for name, samples in interleaved_times(functions, repeats=settings.num_repeats(3), warmup=1).items():
+                    times[name].append(statistics.median(samples))
+        finally:
+            torch.set_num_threads(default_threads)
+        label = f"{len(images)} photos, {threads} torch thread{'s' if threads > 1 else ''}"
+        table.add_row(label + (" (DataLoader worker)" if threads == 1 else ""),
+                      *ratio_row(times, {"pasam/sam": ("pasam", "sam")}))
     table.notes.append(
         f"per image: median of interleaved calls; ratio = median over {len(images)} images [IQR]; "
         f"{'tiny (quick)' if settings.quick else 'SAM 1024'} sizes."
