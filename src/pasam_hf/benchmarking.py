@@ -371,7 +371,8 @@ def bench_decoder(settings: BenchmarkSettings, prompt_counts: Sequence[int] = (1
 def _describe(settings: BenchmarkSettings, config: SamConfig, repeats: int) -> str:
     size = "tiny (quick)" if settings.quick else "ViT-B"
     return (
-        f"{size} trunk, input {config.vision_config.image_size}, device {settings.device}, dtype "
+        f"{size} trunk, input {config.vision_config.image_size}, device {settings.device}"
+        f"{f' ({torch.get_num_threads()} torch threads)' if settings.device == 'cpu' else ''}, dtype "
         f"{str(settings.dtype).removeprefix('torch.')}, {repeats} interleaved repetitions; ratio = median of "
         "per-repetition ratios [interquartile range]."
     )
@@ -657,17 +658,25 @@ def seed_nontrivial_decoder(
     raise RuntimeError(f"no seed gave foreground fractions in [{low}, {high}] on every input.")
 
 
-def predict_masks(model: PASamModel, inputs: Sequence[Mapping], dtype: torch.dtype, device: str = "cpu") -> list:
-    """Boolean low-resolution masks of `model` cast to `dtype` (the caller's model is left untouched)."""
-    import copy
-
-    cast = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+def predict_masks(
+    model: PASamModel, inputs: Sequence[Mapping], dtype: torch.dtype, device: str = "cpu", whole: bool = False
+) -> list:
+    """Boolean low-resolution masks of a copy of `model` in `dtype` (the caller's model is left untouched): cast as
+    `from_pretrained(dtype=...)` loads (`to_inference_dtype`: prompt side in fp32 by default), or `whole`."""
+    cast = _cast_copy(model, dtype, device, whole)
     masks = []
     with torch.inference_mode():
         for item in inputs:
             outputs = cast(**_move(item, device, dtype))
             masks.append((outputs.pred_masks.float() > 0).cpu())
     return masks
+
+
+def _cast_copy(model: PASamModel, dtype: torch.dtype, device: str, whole: bool) -> PASamModel:
+    import copy
+
+    cast = copy.deepcopy(model).to(device=device)
+    return (cast.to(dtype) if whole else cast.to_inference_dtype(dtype)).eval()
 
 
 def precision_photos(settings: BenchmarkSettings, table: BenchmarkTable, count: int = 8) -> list:
@@ -713,27 +722,34 @@ def bench_precision(settings: BenchmarkSettings, dtypes: Sequence[torch.dtype] =
     reference = predict_masks(model, inputs, torch.float32, settings.device)
     repeats = settings.num_repeats(3)
     for dtype in dtypes:
-        masks = predict_masks(model, inputs, dtype, settings.device)
-        ious = [metrics.mask_iou(a, b).item() for a, b in zip(masks, reference)]  # 1.0 when both are empty
-        functions = {}
-        for name, run_dtype in (("fp32", torch.float32), ("low", dtype)):
-            functions[name] = _precision_caller(model, inputs[0], run_dtype, settings.device)
-        times = interleaved_times(functions, repeats, warmup=1, device=settings.device)
-        values, ratios = ratio_row(times, {"dtype/fp32 time": ("low", "fp32")})
-        row_values = {"fp32 ms": values["fp32"], "dtype ms": values["low"], "mean IoU": statistics.mean(ious),
-                      "min IoU": min(ious)}
-        table.add_row(str(dtype).removeprefix("torch."), row_values, ratios)
+        for whole in (False, True):
+            masks = predict_masks(model, inputs, dtype, settings.device, whole=whole)
+            ious = [metrics.mask_iou(a, b).item() for a, b in zip(masks, reference)]  # 1.0 when both are empty
+            functions = {
+                "fp32": _precision_caller(model, inputs[0], torch.float32, settings.device),
+                "low": _precision_caller(model, inputs[0], dtype, settings.device, whole=whole),
+            }
+            times = interleaved_times(functions, repeats, warmup=1, device=settings.device)
+            values, ratios = ratio_row(times, {"dtype/fp32 time": ("low", "fp32")})
+            row_values = {"fp32 ms": values["fp32"], "dtype ms": values["low"], "mean IoU": statistics.mean(ious),
+                          "min IoU": min(ious)}
+            name = str(dtype).removeprefix("torch.")
+            label = f"{name}, all modules" if whole else f"{name}, prompt side fp32 (default)"
+            table.add_row(label, row_values, ratios)
     table.notes.append(
         f"{len(photos)} photos, decoder seed {seed} (non-trivial fp32 masks); {_describe(settings, config, repeats)}"
+    )
+    table.notes.append(
+        "default: the copy is cast as from_pretrained(dtype=...) loads it (config.decoder_in_fp32: image encoder in "
+        "the low dtype, positional embedding, prompt encoder and mask decoder in fp32); 'all modules': model.to(dtype)."
     )
     return table
 
 
-def _precision_caller(model: PASamModel, item: Mapping, dtype: torch.dtype, device: str) -> Callable[[], object]:
-    import copy
-
-    cast = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    return _caller(cast, _move(item, device, dtype))
+def _precision_caller(
+    model: PASamModel, item: Mapping, dtype: torch.dtype, device: str, whole: bool = False
+) -> Callable[[], object]:
+    return _caller(_cast_copy(model, dtype, device, whole), _move(item, device, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -914,10 +930,17 @@ def add_benchmark_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repetitions per case")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder with davis345/ and hq-fixture/")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core); the tables say which was used")
 
 
 def settings_from_args(args) -> BenchmarkSettings:
     from .loading import resolve_dtype
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
 
     return BenchmarkSettings(
         quick=args.quick, device=args.device, dtype=resolve_dtype(args.dtype), repeats=args.repeats,

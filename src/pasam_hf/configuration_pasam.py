@@ -85,6 +85,14 @@ class PASamConfig(SamConfig):
     multimask_output (`bool`, *optional*, defaults to `False`):
         Default of `PASamModel.forward(multimask_output=...)`. PA-SAM refines only the first mask token, so the
         single-mask output is the one the adapter improves; the three multimask outputs are SAM's.
+    decoder_in_fp32 (`bool`, *optional*, defaults to `True`):
+        When the model is loaded in bfloat16 or float16 (`from_pretrained(..., dtype=torch.bfloat16)`, or
+        [`PASamModel.to_inference_dtype`]), keep the prompt side (positional embedding, prompt encoder, mask decoder
+        with the adapter) in float32 and run only the image encoder in the low dtype. The decoder is a few percent
+        of the compute for a handful of prompts, and its mask logits (a 32-channel dot product per pixel, then a
+        threshold at 0) are where half precision flips pixels. `False` runs everything in the low dtype: faster
+        for many prompts per image (automatic mask generation on a GPU), at some mask agreement with fp32
+        (`benchmarks/bench_precision.py` measures both).
 
     Example:
 
@@ -106,6 +114,7 @@ class PASamConfig(SamConfig):
     prompt_encoder_config: dict | PreTrainedConfig | None = None
     mask_decoder_config: dict | PreTrainedConfig | None = None
     multimask_output: bool = False
+    decoder_in_fp32: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -597,6 +597,8 @@ class PASamModel(SamModel):
 
     config: PASamConfig
     config_class = PASamConfig
+    # With config.decoder_in_fp32, from_pretrained(dtype=bf16/fp16) keeps these in float32 (set per instance).
+    PROMPT_SIDE_MODULES = ("shared_image_embedding", "prompt_encoder", "mask_decoder")
 
     def __init__(self, config: PASamConfig):
         # SamModel.__init__ would build a plain SamMaskDecoder first; build the same modules with ours instead.
@@ -607,7 +609,33 @@ class PASamModel(SamModel):
         # The decoder is no PreTrainedModel, so it reads the attention implementation from its config.
         config.mask_decoder_config._attn_implementation = config._attn_implementation
         self.mask_decoder = PASamMaskDecoder(config.mask_decoder_config)
+        if getattr(config, "decoder_in_fp32", True):
+            self._keep_in_fp32_modules_strict = list(self.PROMPT_SIDE_MODULES)
         self.post_init()
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> "PASamModel":
+        """Cast to `dtype` the way `from_pretrained(..., dtype=dtype)` loads: with `config.decoder_in_fp32` (the
+        default) only the image encoder takes a half-precision `dtype`, the prompt side stays float32. A plain
+        `model.to(dtype)` casts everything. Returns the model."""
+        if dtype not in (torch.float16, torch.bfloat16) or not getattr(self.config, "decoder_in_fp32", True):
+            return self.to(dtype)
+        # Child by child: a round trip of the prompt side through the low dtype would round its fp32 weights.
+        for name, module in self.named_children():
+            module.to(torch.float32 if name in self.PROMPT_SIDE_MODULES else dtype)
+        return self
+
+    @torch.no_grad()
+    def get_image_embeddings(self, pixel_values: Tensor, **kwargs: Unpack[TransformersKwargs]) -> Tensor:
+        """[`SamModel.get_image_embeddings`] with `pixel_values` cast to the image encoder's dtype, which is not
+        `model.dtype` when the prompt side stays in float32 (`config.decoder_in_fp32`).
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, hidden_size, h, w)`, in the image encoder's dtype.
+        """
+        return super().get_image_embeddings(pixel_values.to(self._encoder_dtype()), **kwargs)
+
+    def _encoder_dtype(self) -> torch.dtype:
+        return self.vision_encoder.patch_embed.projection.weight.dtype
 
     @property
     def adapter_size(self) -> int:
@@ -720,16 +748,29 @@ class PASamModel(SamModel):
         if mine_points is None:
             mine_points = not self.training or self.config.mask_decoder_config.point_mining_in_training
 
-        image_positional_embeddings = self.get_image_wide_positional_embeddings()
+        # The prompt side may run in another dtype than the image encoder (config.decoder_in_fp32): every input
+        # meets the weights of the module that reads it in their dtype.
+        decoder_dtype = self.mask_decoder.iou_token.weight.dtype
+        prompt_dtype = self.shared_image_embedding.positional_embedding.dtype
+        adapter_pixel_values = adapter_pixel_values.to(decoder_dtype)
+        if input_points is not None:
+            input_points = input_points.to(prompt_dtype)
+        if input_boxes is not None:
+            input_boxes = input_boxes.to(prompt_dtype)
+        if input_masks is not None:
+            input_masks = input_masks.to(self.prompt_encoder.mask_embed.conv1.weight.dtype)
+
+        image_positional_embeddings = self.get_image_wide_positional_embeddings().to(decoder_dtype)
         image_positional_embeddings = image_positional_embeddings.repeat(batch_size, 1, 1, 1)
 
         vision_attentions = None
         vision_hidden_states = None
         if pixel_values is not None:
-            vision_outputs = self.vision_encoder(pixel_values, **kwargs)
+            vision_outputs = self.vision_encoder(pixel_values.to(self._encoder_dtype()), **kwargs)
             image_embeddings = vision_outputs.last_hidden_state
             vision_hidden_states = vision_outputs.hidden_states
             vision_attentions = vision_outputs.attentions
+        image_embeddings = image_embeddings.to(decoder_dtype)
 
         if input_points is not None and input_labels is None:
             input_labels = torch.ones_like(input_points[:, :, :, 0], dtype=torch.int, device=input_points.device)
