@@ -94,3 +94,30 @@ def test_pipeline_on_a_half_precision_model(saved, image):
     result = generator(Image.fromarray(image), points_per_batch=16, points_per_crop=4, pred_iou_thresh=0.0,
                        stability_score_thresh=0.0)
     assert result["masks"] and all(mask.shape == image.shape[:2] for mask in result["masks"])
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_from_sam_pretrained_in_bf16_keeps_the_whole_decoder_with_its_adapter_in_fp32(
+    tmp_path, model, processor, image, with_adapter
+):
+    from transformers import SamConfig, SamModel
+
+    from pasam_hf.adapters import save_adapter
+
+    sam_config = SamConfig(**{name: getattr(model.config, name).to_dict() for name in (
+        "vision_config", "prompt_encoder_config", "mask_decoder_config")})
+    sam = SamModel(sam_config)
+    sam.load_state_dict({k: v for k, v in model.state_dict().items() if k in sam.state_dict()})
+    sam.save_pretrained(tmp_path / "sam")
+    adapter = str(save_adapter(model, tmp_path / "adapter")) if with_adapter else None
+    loaded = PASamModel.from_sam_pretrained(str(tmp_path / "sam"), adapter=adapter, dtype=torch.bfloat16).eval()
+    dtypes = _dtypes(loaded)
+    assert dtypes.pop("vision_encoder") == {torch.bfloat16}
+    assert all(found == {torch.float32} for found in dtypes.values()), dtypes
+    inputs = _inputs(processor, image)
+    with torch.inference_mode():
+        outputs = loaded(**inputs)
+    assert outputs.pred_masks.dtype == torch.float32
+    if with_adapter:  # the released/fine-tuned adapter arrives in fp32 exactly, not rounded through bf16
+        state = model.mask_decoder.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in loaded.mask_decoder.state_dict().items())

@@ -956,6 +956,9 @@ class PASamModel(SamModel):
                 f"{pretrained_model_name_or_path} is not a SAM checkpoint this model can load: "
                 f"missing {sorted(missing - adapter_keys)}, unexpected or mismatched {sorted(map(str, unexpected))}."
             )
+        # transformers creates the missing (adapter) tensors in the requested dtype but loads the SAM decoder's in
+        # fp32 when config.decoder_in_fp32 holds: bring the adapter to the dtype of the decoder it lives in.
+        model.mask_decoder.to(model.mask_decoder.iou_token.weight.dtype)
         if adapter is not None:
             from .adapters import load_adapter
 
