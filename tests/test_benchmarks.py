@@ -109,3 +109,13 @@ def test_training_step_does_not_loop_over_the_batch():
         for index in range(4):
             step({key: value[index : index + 1] for key, value in batches[4].items()})
     assert looped.counts["topk"] == 4 * calls["topk"]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_benchmark_threads_must_be_a_positive_count(value, capsys):
+    from pasam_hf.benchmarking import script_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        script_main("processor", ["--quick", "--threads", value])
+    assert exit_info.value.code == 2
+    assert "--threads: must be a whole number of threads, at least 1" in capsys.readouterr().err

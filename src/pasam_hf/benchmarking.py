@@ -663,11 +663,14 @@ def predict_masks(
 ) -> list:
     """Boolean low-resolution masks of a copy of `model` in `dtype` (the caller's model is left untouched): cast as
     `from_pretrained(dtype=...)` loads (`to_inference_dtype`: prompt side in fp32 by default), or `whole`."""
-    cast = _cast_copy(model, dtype, device, whole)
+    return _masks_of(_cast_copy(model, dtype, device, whole), inputs, dtype, device)
+
+
+def _masks_of(model: PASamModel, inputs: Sequence[Mapping], dtype: torch.dtype, device: str) -> list:
     masks = []
     with torch.inference_mode():
         for item in inputs:
-            outputs = cast(**_move(item, device, dtype))
+            outputs = model(**_move(item, device, dtype))
             masks.append((outputs.pred_masks.float() > 0).cpu())
     return masks
 
@@ -719,16 +722,17 @@ def bench_precision(settings: BenchmarkSettings, dtypes: Sequence[torch.dtype] =
     model = build_models(config, kinds=("pasam",))["pasam"]
     inputs = precision_inputs(PASamProcessor.from_model_config(model.config), photos)
     seed = seed_nontrivial_decoder(model, inputs)
-    reference = predict_masks(model, inputs, torch.float32, settings.device)
+    # One copy per precision serves both its masks and its timing.
+    reference_model = _cast_copy(model, torch.float32, settings.device, whole=False)
+    reference = _masks_of(reference_model, inputs, torch.float32, settings.device)
+    reference_call = _caller(reference_model, _move(inputs[0], settings.device, torch.float32))
     repeats = settings.num_repeats(3)
     for dtype in dtypes:
         for whole in (False, True):
-            masks = predict_masks(model, inputs, dtype, settings.device, whole=whole)
+            cast = _cast_copy(model, dtype, settings.device, whole)
+            masks = _masks_of(cast, inputs, dtype, settings.device)
             ious = [metrics.mask_iou(a, b).item() for a, b in zip(masks, reference)]  # 1.0 when both are empty
-            functions = {
-                "fp32": _precision_caller(model, inputs[0], torch.float32, settings.device),
-                "low": _precision_caller(model, inputs[0], dtype, settings.device, whole=whole),
-            }
+            functions = {"fp32": reference_call, "low": _caller(cast, _move(inputs[0], settings.device, dtype))}
             times = interleaved_times(functions, repeats, warmup=1, device=settings.device)
             values, ratios = ratio_row(times, {"dtype/fp32 time": ("low", "fp32")})
             row_values = {"fp32 ms": values["fp32"], "dtype ms": values["low"], "mean IoU": statistics.mean(ious),
@@ -744,12 +748,6 @@ def bench_precision(settings: BenchmarkSettings, dtypes: Sequence[torch.dtype] =
         "the low dtype, positional embedding, prompt encoder and mask decoder in fp32); 'all modules': model.to(dtype)."
     )
     return table
-
-
-def _precision_caller(
-    model: PASamModel, item: Mapping, dtype: torch.dtype, device: str, whole: bool = False
-) -> Callable[[], object]:
-    return _caller(_cast_copy(model, dtype, device, whole), _move(item, device, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -930,16 +928,27 @@ def add_benchmark_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repetitions per case")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder with davis345/ and hq-fixture/")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_thread_count, default=None,
                         help="torch CPU threads (default: torch's, one per core); the tables say which was used")
+
+
+def _thread_count(text: str) -> int:
+    """argparse type of --threads: a bad value is argparse's usage error (exit code 2), naming the fix."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of threads, at least 1; got {text!r}")
+    return value
 
 
 def settings_from_args(args) -> BenchmarkSettings:
     from .loading import resolve_dtype
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be at least 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
 
     return BenchmarkSettings(

@@ -57,8 +57,6 @@ def canny_edge_map(
     Returns:
         `torch.Tensor` of shape `(batch_size, 1, height, width)`, float32 on the input's device, values in {0, 1}.
     """
-    if edge_mode not in EDGE_MODES:
-        raise ValueError(f"edge_mode={edge_mode!r} is not supported; use one of {EDGE_MODES}.")
     as_uint8 = _edge_input_uint8(channels, edge_mode, image_mean, image_std)
     edges = np.stack([_canny(image, low_threshold, high_threshold) for image in as_uint8])
     # Canny writes 0 or 255: the edge channel is that divided by 255, i.e. exactly 0.0 or 1.0.
@@ -69,6 +67,8 @@ def _edge_input_uint8(
     channels: torch.Tensor, edge_mode: str, image_mean: Sequence[float], image_std: Sequence[float]
 ) -> list[np.ndarray]:
     """The uint8 images Canny sees, each `(height, width, 3)` and C-contiguous, from normalised channels."""
+    if edge_mode not in EDGE_MODES:
+        raise ValueError(f"edge_mode={edge_mode!r} is not supported; use one of {EDGE_MODES}.")
     channels = channels.detach().float()
     if edge_mode == "official":
         as_uint8 = wrap_to_uint8(channels)
@@ -156,8 +156,6 @@ def compute_adapter_pixel_values(
         raise ValueError(
             f"pixel_values must have shape (batch_size, 3, height, width), got {tuple(pixel_values.shape)}."
         )
-    if edge_mode not in EDGE_MODES:
-        raise ValueError(f"edge_mode={edge_mode!r} is not supported; use one of {EDGE_MODES}.")
     scale = _block_scale(pixel_values.shape[-2:], adapter_size)
     if valid_sizes is None or scale is None or pixel_values.device.type != "cpu":
         # Bilinear, align_corners=False, no antialias: the release's torch.nn.functional.interpolate call.

@@ -752,7 +752,6 @@ class PASamModel(SamModel):
         # meets the weights of the module that reads it in their dtype.
         decoder_dtype = self.mask_decoder.iou_token.weight.dtype
         prompt_dtype = self.shared_image_embedding.positional_embedding.dtype
-        adapter_pixel_values = adapter_pixel_values.to(decoder_dtype)
         if input_points is not None:
             input_points = input_points.to(prompt_dtype)
         if input_boxes is not None:
