@@ -151,13 +151,26 @@ def gumbel_top_k(scores: Tensor, k: int, tau: float = 1.0) -> tuple[Tensor, Tens
 
 
 class PASamAttention(SamAttention):
-    """[`SamAttention`] whose query or key/value side may be shared by all prompts of an image.
+    """[`SamAttention`] whose query or key/value side may be shared by all prompts of an image, and which skips the
+    projection of the image side when the token side is small.
 
     Inputs are `(B, P, n, C)` or `(B, 1, n, C)`. Each projection runs on what it is given, so image-side inputs
     that are the same for every prompt (the image tokens before the first two-way block has updated them) are
     projected once per image instead of once per prompt; only the projected tensors are broadcast to the `P`
-    prompts. The attention itself goes through the configured attention interface, as in [`SamAttention`].
+    prompts.
+
+    The decoder's attentions pair a few tokens (`T`, 7 for a box) with the `N = 4096` image tokens. Projecting the
+    image side costs `N * C * D` per prompt and projection; when `heads * T` is well below the internal width `D`
+    it is cheaper to move the projection onto the tokens instead, since both the scores and the weighted sum are
+    linear in the image tokens (see [`factored_token_queries`], [`factored_token_keys`]). Which form runs is
+    decided from the shapes alone (no data-dependent branching), by a multiply-accumulate count; both give the
+    same result up to float rounding (tested). With an `attention_similarity` the configured attention interface
+    always runs, as in [`SamAttention`].
     """
+
+    # A factored form runs when its multiply-accumulate count is at most this fraction of SAM's form (it runs a
+    # few more, smaller kernels). 0 always runs SAM's form, math.inf always the cheaper factored one (tests).
+    factored_form_threshold: float = 0.8
 
     def forward(
         self,
@@ -165,10 +178,29 @@ class PASamAttention(SamAttention):
         key: Tensor,
         value: Tensor,
         attention_similarity: Tensor | None = None,
+        query_position: Tensor | None = None,
+        key_position: Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[Tensor, Tensor | None]:
-        query = self.q_proj(query)
-        key = self.k_proj(key)
+        r"""
+        Args:
+            query (`torch.Tensor` of shape `(B, P or 1, n_q, C)`), key and value (`(B, P or 1, n_k, C)`).
+            query_position, key_position (`torch.Tensor`, *optional*): positional embeddings added to the query and
+                to the key (not the value), broadcastable to them; given apart so a factored form can apply a shared
+                `(B, 1, N, C)` one without materialising the per-prompt sum.
+
+        Returns:
+            `(attn_output (B, P, n_q, C), attn_weights or None)`.
+        """
+        if attention_similarity is None:
+            form = self._cheapest_form(query.shape, key.shape)
+            if form == "token_queries":
+                return self.factored_token_queries(query, key, value, query_position, key_position), None
+            if form == "token_keys":
+                return self.factored_token_keys(query, key, value, query_position, key_position), None
+
+        query = self._project(self.q_proj, query, query_position)
+        key = self._project(self.k_proj, key, key_position)
         value = self.v_proj(value)
 
         batch_size = query.shape[0]
@@ -193,6 +225,129 @@ class PASamAttention(SamAttention):
         )
         attn_output = self._recombine_heads(attn_output, point_batch_size)
         return self.out_proj(attn_output), attn_weights
+
+    @staticmethod
+    def _project(projection: nn.Linear, states: Tensor, position: Tensor | None) -> Tensor:
+        """`projection(states + position)`. A position shared by the prompts (`(B, 1, n, C)` against per-prompt
+        states) is projected once and added at the projected width: no per-prompt sum at width `C` is made."""
+        if position is None:
+            return projection(states)
+        if position.shape[1] == 1 < states.shape[1]:
+            projected = projection(states)
+            projected += F.linear(position, projection.weight)
+            return projected
+        return projection(states + position)
+
+    def _cheapest_form(self, query_shape: torch.Size, key_shape: torch.Size) -> str:
+        """`"projected"` (SAM's form), `"token_queries"` or `"token_keys"`: the one with the fewest
+        multiply-accumulates for these shapes (`(B, P or 1, n, C)` each; the value has the key's shape)."""
+        query_prompts, num_queries, hidden = query_shape[1], query_shape[2], query_shape[3]
+        key_prompts, num_keys = key_shape[1], key_shape[2]
+        prompts, width, heads = max(query_prompts, key_prompts), self.internal_dim, self.num_attention_heads
+        projected = (
+            query_prompts * num_queries * hidden * width  # q_proj
+            + 2 * key_prompts * num_keys * hidden * width  # k_proj, v_proj
+            + 2 * prompts * num_queries * num_keys * width  # scores and weighted sum
+            + prompts * num_queries * width * hidden  # out_proj
+        )
+        token_queries = (
+            query_prompts * num_queries * hidden * width  # q_proj
+            + 2 * prompts * num_queries * width * hidden  # queries into key space; weighted sums out of value space
+            + 2 * prompts * num_queries * heads * num_keys * hidden  # scores and weighted sum, per head, at width C
+            + prompts * num_queries * width * hidden  # out_proj
+        )
+        token_keys = (
+            2 * key_prompts * num_keys * hidden * width  # k_proj, v_proj
+            + 2 * prompts * num_keys * width * hidden  # keys into query space, values through out_proj
+            + 2 * prompts * num_queries * heads * num_keys * hidden  # scores and weighted sum, per head, at width C
+        )
+        best = min(token_queries, token_keys)
+        if best > self.factored_form_threshold * projected:
+            return "projected"
+        return "token_queries" if token_queries <= token_keys else "token_keys"
+
+    def _head_weights(self, projection: nn.Linear) -> Tensor:
+        """`projection.weight` `(D, C)` as `(heads, D / heads, C)`."""
+        return projection.weight.view(self.num_attention_heads, -1, projection.weight.shape[-1])
+
+    def factored_token_queries(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        query_position: Tensor | None = None,
+        key_position: Tensor | None = None,
+    ) -> Tensor:
+        r"""Few queries (tokens) attending to many keys (image tokens), without projecting the keys or values.
+
+        For head `h`, `q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + q_h . b_k,h` (the second term is the same for
+        every key). The weights sum to one, so `sum_n a_n (W_v,h x_n + b_v,h)` is
+        `W_v,h (sum_n a_n x_n) + b_v,h`. Scores and sums run at width `C` for each of the `heads * T` query rows.
+
+        Args:
+            query (`torch.Tensor` of shape `(B, P or 1, T, C)`), key and value (`(B, P or 1, N, C)`), positions as
+                in `forward`: the key's is applied as a second product rather than added to the `(B, P, N, C)` key.
+
+        Returns:
+            `torch.Tensor` of shape `(B, P, T, C)`: what SAM's form returns, up to float rounding.
+        """
+        heads = self.num_attention_heads
+        if query_position is not None:
+            query = query + query_position
+        projected = self.q_proj(query) * self.scaling
+        batch_size, _, num_queries, _ = projected.shape
+        projected = projected.unflatten(-1, (heads, -1))  # (B, P, T, heads, d)
+        in_key_space = torch.einsum("bpthd,hdc->bpthc", projected, self._head_weights(self.k_proj)).flatten(2, 3)
+        # q_h . b_k,h is the same for every key and cancels in the softmax; it is kept (a broadcast add on the
+        # scores) so that b_k stays in the graph with SAM's gradient: an unused parameter would stop DDP.
+        bias = torch.einsum("bpthd,hd->bpth", projected, self.k_proj.bias.view(heads, -1)).flatten(2, 3)
+        scores = in_key_space @ key.transpose(-1, -2) + bias.unsqueeze(-1)  # (B, P, T * heads, N)
+        if key_position is not None:
+            scores = scores + in_key_space @ key_position.transpose(-1, -2)
+        weights = torch.softmax(scores, dim=-1)
+        summed = (weights @ value).unflatten(2, (num_queries, heads))  # (B, P, T, heads, C)
+        heads_out = torch.einsum("bpthc,hdc->bpthd", summed, self._head_weights(self.v_proj))
+        heads_out = heads_out + self.v_proj.bias.view(heads, -1)
+        return self.out_proj(heads_out.flatten(-2))
+
+    def factored_token_keys(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        query_position: Tensor | None = None,
+        key_position: Tensor | None = None,
+    ) -> Tensor:
+        r"""Many queries (image tokens) attending to few keys (tokens), without projecting the queries.
+
+        For head `h`, `(W_q,h x + b_q,h) . k_h = x . (W_q,h^T k_h) + b_q,h . k_h` (the second term differs per key,
+        so it is kept), and `out_proj` of the heads' weighted sums is `sum_h sum_t a_h,t (W_o,h v_h,t) + b_o`: the
+        values are taken through `out_proj` before the sum, one `(heads * T, C)` matrix per prompt.
+
+        Args:
+            query (`torch.Tensor` of shape `(B, P or 1, N, C)`), key and value (`(B, P or 1, T, C)`), positions as
+                in `forward`: the query's is applied as a second product rather than added to the query.
+
+        Returns:
+            `torch.Tensor` of shape `(B, P, N, C)`: what SAM's form returns, up to float rounding.
+        """
+        heads = self.num_attention_heads
+        if key_position is not None:
+            key = key + key_position
+        keys = (self.k_proj(key) * self.scaling).unflatten(-1, (heads, -1))  # (B, P, T, heads, d)
+        values = self.v_proj(value).unflatten(-1, (heads, -1))
+        num_keys = keys.shape[2]
+        in_query_space = torch.einsum("bpthd,hdc->bphtc", keys, self._head_weights(self.q_proj)).flatten(2, 3)
+        bias = torch.einsum("bpthd,hd->bpht", keys, self.q_proj.bias.view(heads, -1)).flatten(2, 3)
+        # Scores as (B, P, heads * T, N): the softmax over each head's T keys then runs along N-long rows of a
+        # strided view, about 10x faster on a CPU than over T-long contiguous rows.
+        scores = in_query_space @ query.transpose(-1, -2) + bias.unsqueeze(-1)
+        if query_position is not None:
+            scores = scores + in_query_space @ query_position.transpose(-1, -2)
+        weights = torch.softmax(scores.unflatten(2, (heads, num_keys)), dim=3).flatten(2, 3)
+        out_weight = self.out_proj.weight.view(self.out_proj.weight.shape[0], heads, -1)  # (C, heads, d)
+        through_out = torch.einsum("bpthd,chd->bphtc", values, out_weight).flatten(2, 3)  # (B, P, heads * T, C)
+        return weights.transpose(-1, -2) @ through_out + self.out_proj.bias
 
 
 class PASamPromptAdapter(nn.Module):
@@ -254,7 +409,7 @@ class PASamPromptAdapter(nn.Module):
         guided_keys = self.guide(guiding_embedding, keys, key_point_embedding)
 
         attn_out, _ = self.cross_attn_token_to_image(
-            query=queries + query_point_embedding, key=guided_keys + key_point_embedding, value=guided_keys
+            query=queries + query_point_embedding, key=guided_keys, value=guided_keys, key_position=key_point_embedding
         )
         first_mask_token = attn_out[:, :, MASK_TOKEN_0]
         uncertain_token = self.uncertain_mlp(
@@ -351,17 +506,6 @@ class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
         adapter_kwargs: dict | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ):
-        if prompt_adapter is None:
-            queries, keys, attn_out = super().forward(
-                queries=queries,
-                keys=keys,
-                query_point_embedding=query_point_embedding,
-                key_point_embedding=key_point_embedding,
-                attention_similarity=attention_similarity,
-                **kwargs,
-            )
-            return queries, keys, attn_out, query_point_embedding, None
-
         if self.skip_first_layer_pe:
             queries, _ = self.self_attn(query=queries, key=queries, value=queries)
         else:
@@ -370,12 +514,41 @@ class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
             queries = queries + attn_out
         queries = self.layer_norm1(queries)
 
-        query = queries + query_point_embedding
-        key = keys + key_point_embedding
+        # The image positional embedding is passed apart from the image tokens: it is shared by the prompts.
         attn_out, _ = self.cross_attn_token_to_image(
-            query=query, key=key, value=keys, attention_similarity=attention_similarity
+            query=queries + query_point_embedding,
+            key=keys,
+            value=keys,
+            key_position=key_point_embedding,
+            attention_similarity=attention_similarity,
         )
+        adapter_output = None
+        if prompt_adapter is not None:
+            queries, keys, attn_out, query_point_embedding, adapter_output = self._run_adapter(
+                prompt_adapter, adapter_kwargs, queries, keys, attn_out, query_point_embedding, key_point_embedding
+            )
 
+        queries = self.layer_norm2(queries + attn_out)
+        queries = self.layer_norm3(queries + self.mlp(queries))
+
+        attn_out, _ = self.cross_attn_image_to_token(
+            query=keys, key=queries + query_point_embedding, value=queries, query_position=key_point_embedding
+        )
+        keys = self.layer_norm4(keys + attn_out)
+        return queries, keys, attn_out, query_point_embedding, adapter_output
+
+    def _run_adapter(
+        self,
+        prompt_adapter: PASamPromptAdapter,
+        adapter_kwargs: dict,
+        queries: Tensor,
+        keys: Tensor,
+        attn_out: Tensor,
+        query_point_embedding: Tensor,
+        key_point_embedding: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, PASamPromptAdapterOutput]:
+        """The adapter between the token-to-image attention and its residual add: adds its tokens (and the mined
+        points' zero-initialised ones) to `attn_out` and its guided keys to `keys`."""
         adapter_output = prompt_adapter(
             queries=queries,
             keys=keys,
@@ -390,16 +563,7 @@ class PASamTwoWayAttentionBlock(SamTwoWayAttentionBlock):
             queries = F.pad(queries, (0, 0, 0, num_new_tokens))
         attn_out = attn_out + adapter_output.attention_output
         keys = keys + adapter_output.guided_keys
-        query_point_embedding = adapter_output.query_point_embedding
-
-        queries = self.layer_norm2(queries + attn_out)
-        queries = self.layer_norm3(queries + self.mlp(queries))
-
-        query = queries + query_point_embedding
-        key = keys + key_point_embedding
-        attn_out, _ = self.cross_attn_image_to_token(query=key, key=query, value=queries)
-        keys = self.layer_norm4(keys + attn_out)
-        return queries, keys, attn_out, query_point_embedding, adapter_output
+        return queries, keys, attn_out, adapter_output.query_point_embedding, adapter_output
 
 
 class PASamTwoWayTransformer(SamTwoWayTransformer):
@@ -461,9 +625,9 @@ class PASamTwoWayTransformer(SamTwoWayTransformer):
             if with_adapter:
                 adapter_output = layer_adapter_output
 
-        query = queries + query_point_embedding
-        key = keys + image_positional_embeddings
-        attn_out, _ = self.final_attn_token_to_image(query=query, key=key, value=keys)
+        attn_out, _ = self.final_attn_token_to_image(
+            query=queries + query_point_embedding, key=keys, value=keys, key_position=image_positional_embeddings
+        )
         queries = self.layer_norm_final_attn(queries + attn_out)
         return queries, keys, adapter_output
 
@@ -553,10 +717,10 @@ class PASamMaskDecoder(SamMaskDecoder):
         iou_token_out = point_embedding[:, :, 0, :]
         mask_tokens_out = point_embedding[:, :, 1 : (1 + self.num_mask_tokens), :]
 
-        image_embeddings = image_embeddings.transpose(2, 3).reshape(
-            batch_size * point_batch_size, num_channels, height, width
-        )
-        upscaled_embedding = self.upscale_conv1(image_embeddings)
+        # (B, P, N, C) read as a channels-last (B * P, C, h, w): the upscaling keeps that layout end to end, so
+        # neither its input nor its output is transposed into a copy.
+        image_embeddings = image_embeddings.reshape(batch_size * point_batch_size, height, width, num_channels)
+        upscaled_embedding = self.upscale_conv1(image_embeddings.permute(0, 3, 1, 2))
         upscaled_embedding = self.activation(self.upscale_layer_norm(upscaled_embedding))
         upscaled_embedding = self.activation(self.upscale_conv2(upscaled_embedding))
 
@@ -564,8 +728,8 @@ class PASamMaskDecoder(SamMaskDecoder):
             [mlp(mask_tokens_out[:, :, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2
         )
         _, num_channels, height, width = upscaled_embedding.shape
-        upscaled_embedding = upscaled_embedding.reshape(batch_size, point_batch_size, num_channels, height * width)
-        masks = (hyper_in @ upscaled_embedding).reshape(batch_size, point_batch_size, -1, height, width)
+        pixels = upscaled_embedding.permute(0, 2, 3, 1).reshape(batch_size, point_batch_size, height * width, -1)
+        masks = (hyper_in @ pixels.transpose(-1, -2)).reshape(batch_size, point_batch_size, -1, height, width)
         iou_pred = self.iou_prediction_head(iou_token_out)
 
         # All three multimask outputs (the release drops one of them; see the reference's known defects).
