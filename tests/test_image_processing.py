@@ -110,3 +110,41 @@ def test_region_only_path_checks_its_sizes_and_batches() -> None:
     )
     with pytest.raises(ValueError, match="valid_sizes has 1 entries for 2 images"):
         compute_adapter_pixel_values(encoding["pixel_values"], valid_sizes=[[200, 300]])
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", None])
+def test_sam_outputs_are_sams_exactly(return_tensors) -> None:
+    """PA-SAM's processor pads in place into one batch tensor: every output SAM's processor gives is the same,
+    values, dtypes and types, for a batch of differently shaped images with segmentation maps."""
+    pytest.importorskip("torchvision")
+    from transformers import SamProcessor
+    from transformers.models.sam.image_processing_sam import SamImageProcessor
+
+    from pasam_hf import PASamImageProcessor
+
+    processor = _sam_sized_processor()
+    assert isinstance(processor.image_processor, PASamImageProcessor)
+    sizes = {key: getattr(processor.image_processor, key) for key in ("size", "pad_size", "mask_size", "mask_pad_size")}
+    sam = SamProcessor(image_processor=SamImageProcessor(**sizes))
+    images = [synthetic_image(200, 300, seed=1), synthetic_image(300, 150, seed=2), synthetic_image(64, 64, seed=3)]
+    maps = [(image[..., 0] > 128).astype(np.uint8) for image in images]
+    boxes = [[[10.0, 10.0, 50.0, 60.0]]] * 3
+    ours = processor(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors)
+    theirs = sam(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors)
+    assert set(theirs) <= set(ours) and "adapter_pixel_values" in ours
+    for key in theirs:
+        a, b = ours[key], theirs[key]
+        assert type(a) is type(b), key
+        for x, y in zip(a, b) if isinstance(b, list) else [(a, b)]:
+            if torch.is_tensor(y):
+                assert x.dtype == y.dtype and torch.equal(x, y), key
+            else:
+                assert np.array_equal(np.asarray(x), np.asarray(y)), key
+
+
+def test_too_large_image_for_the_pad_size_gets_sams_error() -> None:
+    pytest.importorskip("torchvision")
+    processor = _sam_sized_processor()
+    with pytest.raises(ValueError, match="Padding dimensions are negative"):
+        processor(images=synthetic_image(200, 300, seed=1), do_resize=False, pad_size={"height": 128, "width": 128},
+                  return_tensors="pt")

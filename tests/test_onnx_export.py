@@ -144,3 +144,31 @@ def test_decoder_forward_compiles_without_graph_breaks(training):
         outputs.loss.backward()
         assert model.mask_decoder.prompt_adapter.refined_mlp.proj_out.weight.grad is not None
     torch._dynamo.reset()
+
+
+def test_sam_sized_decoder_export_with_the_factored_attention(onnxruntime, tmp_path):
+    """At SAM's decoder sizes (C 256, 64 x 64 image tokens) the factored attention forms run in PyTorch; the
+    export keeps the prompt count dynamic (no guard on it from the choice of form) and matches PyTorch."""
+    from pasam_hf import PASamConfig
+    from pasam_hf.modeling_pasam import PASamAttention
+
+    config = PASamConfig()
+    config.vision_config.num_hidden_layers = 1  # the image encoder is not exported
+    config.initializer_range = 0.05  # logits O(1): larger scales make mined points flip on rounding
+    torch.manual_seed(0)
+    model = PASamModel(config).eval()
+    forms = []
+    for module in model.modules():
+        if isinstance(module, PASamAttention):
+            original = module._cheapest_form
+            module._cheapest_form = lambda *shapes, original=original: forms.append(original(*shapes)) or forms[-1]
+    path = export_decoder_onnx(model, tmp_path / "decoder.onnx", prompt="boxes")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch_size, num_prompts, seed in ((1, 1, 1), (2, 5, 2)):
+        forms.clear()
+        inputs = example_decoder_inputs(model, "boxes", batch_size=batch_size, num_prompts=num_prompts, seed=seed)
+        expected = torch_outputs(model, inputs)
+        assert {"token_queries", "token_keys"} & set(forms)
+        got = session.run(list(OUTPUT_NAMES), {name: value.numpy() for name, value in inputs.items()})
+        assert_close(got, expected)
+        assert got[0].shape == (batch_size, num_prompts, 1, 256, 256)

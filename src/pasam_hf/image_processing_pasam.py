@@ -248,6 +248,8 @@ class _AdapterInputMixin:
         kwargs.update(input_data_format=ChannelDimension.LAST, do_rescale=True, rescale_factor=1 / 255)
         adapter_kwargs = {key: kwargs.pop(key, None) for key in _ADAPTER_KWARGS}
         encoding = super()._preprocess_image_like_inputs(images, segmentation_maps, **kwargs)
+        if kwargs.get("return_tensors") is None and torch.is_tensor(encoding.get("pixel_values")):
+            encoding["pixel_values"] = list(encoding["pixel_values"])  # SAM's type without tensors: a list
         adapter_kwargs.update(
             image_mean=kwargs.get("image_mean"), image_std=kwargs.get("image_std"), do_pad=kwargs.get("do_pad")
         )
@@ -271,6 +273,30 @@ if is_torchvision_available():
         """
 
         valid_kwargs = PASamImageProcessorKwargs
+
+        def _preprocess(self, images, do_pad=None, pad_size=None, **kwargs):
+            """SAM's `_preprocess`, except that padding writes each image into one zeroed batch tensor.
+
+            SAM pads each image into a new tensor and `BatchFeature` then stacks them into another, so the padded
+            batch (12 MB an image at 1024) is written twice. Here each byte of it is written once: the image into
+            its corner of one batch tensor, zeros around it. Same values, returned as one `(B, C, H, W)` tensor
+            (`_preprocess_image_like_inputs` turns it back into SAM's list when no tensors are asked for).
+            """
+            processed, reshaped_input_sizes = super()._preprocess(images, do_pad=False, pad_size=pad_size, **kwargs)
+            if not do_pad:
+                return processed, reshaped_input_sizes
+            height, width = pad_size.height, pad_size.width
+            if any(image.shape[-2] > height or image.shape[-1] > width for image in processed):
+                # SAM's pad raises the error that names the sizes.
+                return self.pad(processed, pad_size=pad_size), reshaped_input_sizes
+            first = processed[0]
+            batch = first.new_empty(len(processed), *first.shape[:-2], height, width)
+            for target, image in zip(batch, processed):
+                rows, cols = image.shape[-2:]
+                target[..., :rows, :cols] = image
+                target[..., :rows, cols:] = 0
+                target[..., rows:, :] = 0
+            return batch, reshaped_input_sizes
 
 else:  # pragma: no cover - exercised only where torchvision is missing
     PASamImageProcessor = PASamImageProcessorPil

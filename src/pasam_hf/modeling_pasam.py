@@ -150,6 +150,11 @@ def gumbel_top_k(scores: Tensor, k: int, tau: float = 1.0) -> tuple[Tensor, Tens
     return indices, 1.0 + (chosen - chosen.detach())
 
 
+def _static_size(size: int | torch.SymInt, nominal: int) -> int:
+    """`size` when it is a Python int; `nominal` for a symbolic size, so that no decision guards on it."""
+    return size if isinstance(size, int) else nominal
+
+
 class PASamAttention(SamAttention):
     """[`SamAttention`] whose query or key/value side may be shared by all prompts of an image, and which skips the
     projection of the image side when the token side is small.
@@ -240,9 +245,15 @@ class PASamAttention(SamAttention):
 
     def _cheapest_form(self, query_shape: torch.Size, key_shape: torch.Size) -> str:
         """`"projected"` (SAM's form), `"token_queries"` or `"token_keys"`: the one with the fewest
-        multiply-accumulates for these shapes (`(B, P or 1, n, C)` each; the value has the key's shape)."""
-        query_prompts, num_queries, hidden = query_shape[1], query_shape[2], query_shape[3]
-        key_prompts, num_keys = key_shape[1], key_shape[2]
+        multiply-accumulates for these shapes (`(B, P or 1, n, C)` each; the value has the key's shape).
+
+        A symbolic size (a dynamic dimension under `torch.export` or `torch.compile`) counts at a nominal value
+        instead: comparing it would put a guard on that dimension, and an ONNX export with a dynamic prompt count
+        would fail. Every form is exact, so a nominal count can only cost speed.
+        """
+        query_prompts, num_queries = _static_size(query_shape[1], 16), _static_size(query_shape[2], 8)
+        key_prompts, num_keys = _static_size(key_shape[1], 16), _static_size(key_shape[2], 8)
+        hidden = query_shape[3]
         prompts, width, heads = max(query_prompts, key_prompts), self.internal_dim, self.num_attention_heads
         projected = (
             query_prompts * num_queries * hidden * width  # q_proj
