@@ -293,9 +293,10 @@ if is_torchvision_available():
             batch = first.new_empty(len(processed), *first.shape[:-2], height, width)
             for target, image in zip(batch, processed):
                 rows, cols = image.shape[-2:]
-                target[..., :rows, :cols] = image
-                target[..., :rows, cols:] = 0
+                # The image last: the adapter input is computed from it next, while it is still in cache.
                 target[..., rows:, :] = 0
+                target[..., :rows, cols:] = 0
+                target[..., :rows, :cols] = image
             return batch, reshaped_input_sizes
 
 else:  # pragma: no cover - exercised only where torchvision is missing
