@@ -54,7 +54,7 @@ def test_every_form_matches_sam_attention_and_its_gradients(query_shape, key_sha
     inputs = [query, key, value, query_position, key_position]
     for tensor in inputs:
         tensor.requires_grad_(True)
-    ours._cheapest_form = lambda *shapes: form  # instance attribute: this module only
+    ours._cheapest_form = lambda *args: form  # instance attribute: this module only
 
     got, weights = ours(query, key, value, query_position=query_position, key_position=key_position)
     expected = _sam_reference(theirs, *inputs)
@@ -82,6 +82,10 @@ def test_cost_model_at_sam_decoder_sizes() -> None:
     assert attention._cheapest_form(tokens, shared_image) == "projected"
     # One prompt: even a shared image side is cheaper factored.
     assert attention._cheapest_form(few, shared_image) == "token_queries"
+    # As the decoder calls them, with the image positional embedding beside the image tokens.
+    assert attention._cheapest_form(tokens, image, False, True) == "token_queries"  # block 2, adapter, final (T 7)
+    assert attention._cheapest_form(shared_image, tokens, True, False) == "token_keys"  # block 1, image to tokens
+    assert attention._cheapest_form((1, 16, 15, 256), image, False, True) == "projected"  # after mining (T 15)
     # Many tokens (heads x T above the width): SAM's form.
     assert attention._cheapest_form((1, 16, 32, 256), image) == "projected"
     assert attention._cheapest_form(image, (1, 16, 32, 256)) == "projected"

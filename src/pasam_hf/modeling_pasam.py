@@ -155,6 +155,14 @@ def _static_size(size: int | torch.SymInt, nominal: int) -> int:
     return size if isinstance(size, int) else nominal
 
 
+def _fold_shared_position(states: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`(states + position, None)` when `states` is shared by the prompts (one sum per image), else unchanged: a
+    per-prompt side keeps its position apart, for a second product instead of a per-prompt sum."""
+    if position is not None and states.shape[1] == 1:
+        return states + position, None
+    return states, position
+
+
 class PASamAttention(SamAttention):
     """[`SamAttention`] whose query or key/value side may be shared by all prompts of an image, and which skips the
     projection of the image side when the token side is small.
@@ -198,7 +206,7 @@ class PASamAttention(SamAttention):
             `(attn_output (B, P, n_q, C), attn_weights or None)`.
         """
         if attention_similarity is None:
-            form = self._cheapest_form(query.shape, key.shape)
+            form = self._cheapest_form(query.shape, key.shape, query_position is not None, key_position is not None)
             if form == "token_queries":
                 return self.factored_token_queries(query, key, value, query_position, key_position), None
             if form == "token_keys":
@@ -243,9 +251,12 @@ class PASamAttention(SamAttention):
             return projected
         return projection(states + position)
 
-    def _cheapest_form(self, query_shape: torch.Size, key_shape: torch.Size) -> str:
+    def _cheapest_form(
+        self, query_shape: torch.Size, key_shape: torch.Size, query_position: bool = False, key_position: bool = False
+    ) -> str:
         """`"projected"` (SAM's form), `"token_queries"` or `"token_keys"`: the one with the fewest
-        multiply-accumulates for these shapes (`(B, P or 1, n, C)` each; the value has the key's shape).
+        multiply-accumulates for these shapes (`(B, P or 1, n, C)` each; the value has the key's shape), given
+        whether a query and a key position come with them.
 
         A symbolic size (a dynamic dimension under `torch.export` or `torch.compile`) counts at a nominal value
         instead: comparing it would put a guard on that dimension, and an ONNX export with a dynamic prompt count
@@ -261,16 +272,18 @@ class PASamAttention(SamAttention):
             + 2 * prompts * num_queries * num_keys * width  # scores and weighted sum
             + prompts * num_queries * width * hidden  # out_proj
         )
+        # Scores and weighted sum, per head at width C; a per-prompt side's position is one more product.
+        attention = prompts * num_queries * heads * num_keys * hidden
         token_queries = (
             query_prompts * num_queries * hidden * width  # q_proj
             + 2 * prompts * num_queries * width * hidden  # queries into key space; weighted sums out of value space
-            + 2 * prompts * num_queries * heads * num_keys * hidden  # scores and weighted sum, per head, at width C
+            + (3 if key_position and key_prompts > 1 else 2) * attention
             + prompts * num_queries * width * hidden  # out_proj
         )
         token_keys = (
             2 * key_prompts * num_keys * hidden * width  # k_proj, v_proj
             + 2 * prompts * num_keys * width * hidden  # keys into query space, values through out_proj
-            + 2 * prompts * num_queries * heads * num_keys * hidden  # scores and weighted sum, per head, at width C
+            + (3 if query_position and query_prompts > 1 else 2) * attention
         )
         best = min(token_queries, token_keys)
         if best > self.factored_form_threshold * projected:
@@ -305,8 +318,9 @@ class PASamAttention(SamAttention):
         heads = self.num_attention_heads
         if query_position is not None:
             query = query + query_position
+        key, key_position = _fold_shared_position(key, key_position)
         projected = self.q_proj(query) * self.scaling
-        batch_size, _, num_queries, _ = projected.shape
+        num_queries = projected.shape[2]
         projected = projected.unflatten(-1, (heads, -1))  # (B, P, T, heads, d)
         in_key_space = torch.einsum("bpthd,hdc->bpthc", projected, self._head_weights(self.k_proj)).flatten(2, 3)
         # q_h . b_k,h is the same for every key and cancels in the softmax; it is kept (a broadcast add on the
@@ -345,6 +359,7 @@ class PASamAttention(SamAttention):
         heads = self.num_attention_heads
         if key_position is not None:
             key = key + key_position
+        query, query_position = _fold_shared_position(query, query_position)
         keys = (self.k_proj(key) * self.scaling).unflatten(-1, (heads, -1))  # (B, P, T, heads, d)
         values = self.v_proj(value).unflatten(-1, (heads, -1))
         num_keys = keys.shape[2]
