@@ -310,7 +310,8 @@ class PASamAttention(SamAttention):
 
         Args:
             query (`torch.Tensor` of shape `(B, P or 1, T, C)`), key and value (`(B, P or 1, N, C)`), positions as
-                in `forward`: the key's is applied as a second product rather than added to the `(B, P, N, C)` key.
+                in `forward`: a per-prompt key takes its position as a second product (no `(B, P, N, C)` sum), a
+                shared one as one sum per image.
 
         Returns:
             `torch.Tensor` of shape `(B, P, T, C)`: what SAM's form returns, up to float rounding.
@@ -351,7 +352,8 @@ class PASamAttention(SamAttention):
 
         Args:
             query (`torch.Tensor` of shape `(B, P or 1, N, C)`), key and value (`(B, P or 1, T, C)`), positions as
-                in `forward`: the query's is applied as a second product rather than added to the query.
+                in `forward`: a per-prompt query takes its position as a second product (no `(B, P, N, C)` sum), a
+                shared one as one sum per image.
 
         Returns:
             `torch.Tensor` of shape `(B, P, N, C)`: what SAM's form returns, up to float rounding.
