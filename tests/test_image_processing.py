@@ -112,8 +112,17 @@ def test_region_only_path_checks_its_sizes_and_batches() -> None:
         compute_adapter_pixel_values(encoding["pixel_values"], valid_sizes=[[200, 300]])
 
 
-@pytest.mark.parametrize("return_tensors", ["pt", None])
-def test_sam_outputs_are_sams_exactly(return_tensors) -> None:
+@pytest.mark.parametrize(
+    ("return_tensors", "options"),
+    [
+        ("pt", {}),
+        (None, {}),
+        ("pt", {"do_pad": False}),
+        ("pt", {"do_normalize": False}),
+        ("pt", {"image_mean": [0.2, 0.3, 0.4], "image_std": [0.5, 0.6, 0.7]}),
+    ],
+)
+def test_sam_outputs_are_sams_exactly(return_tensors, options) -> None:
     """PA-SAM's processor pads in place into one batch tensor: every output SAM's processor gives is the same,
     values, dtypes and types, for a batch of differently shaped images with segmentation maps."""
     pytest.importorskip("torchvision")
@@ -129,8 +138,11 @@ def test_sam_outputs_are_sams_exactly(return_tensors) -> None:
     images = [synthetic_image(200, 300, seed=1), synthetic_image(300, 150, seed=2), synthetic_image(64, 64, seed=3)]
     maps = [(image[..., 0] > 128).astype(np.uint8) for image in images]
     boxes = [[[10.0, 10.0, 50.0, 60.0]]] * 3
-    ours = processor(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors)
-    theirs = sam(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors)
+    if options.get("do_pad") is False:
+        images, maps = images[:1], maps[:1]  # unpadded images of different sizes do not stack
+    boxes = boxes[: len(images)]
+    ours = processor(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors, **options)
+    theirs = sam(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors, **options)
     assert set(theirs) <= set(ours) and "adapter_pixel_values" in ours
     for key in theirs:
         a, b = ours[key], theirs[key]

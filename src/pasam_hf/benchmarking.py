@@ -446,12 +446,23 @@ class _ProcessorWorkers:
     def __init__(self, quick: bool, threads: int, images: list) -> None:
         context = multiprocessing.get_context("spawn")
         self.connections, self.processes = {}, []
-        for kind in ("sam", "pasam"):
-            parent, child = context.Pipe()
-            process = context.Process(target=_processor_worker, args=(child, quick, kind, threads, images), daemon=True)
-            process.start()
-            self.connections[kind] = parent
-            self.processes.append(process)
+        # The waiting worker's OpenMP threads would otherwise spin on the cores the other one is timed on.
+        saved = os.environ.get("OMP_WAIT_POLICY")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        try:
+            for kind in ("sam", "pasam"):
+                parent, child = context.Pipe()
+                process = context.Process(
+                    target=_processor_worker, args=(child, quick, kind, threads, images), daemon=True
+                )
+                process.start()
+                self.connections[kind] = parent
+                self.processes.append(process)
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_WAIT_POLICY")
+            else:
+                os.environ["OMP_WAIT_POLICY"] = saved
         for kind in self.connections:
             self._receive(kind)
 

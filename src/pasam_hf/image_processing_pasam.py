@@ -275,29 +275,50 @@ if is_torchvision_available():
         valid_kwargs = PASamImageProcessorKwargs
 
         def _preprocess(self, images, do_pad=None, pad_size=None, **kwargs):
-            """SAM's `_preprocess`, except that padding writes each image into one zeroed batch tensor.
+            """SAM's `_preprocess`, except that the padded batch is written once, normalised in place.
 
-            SAM pads each image into a new tensor and `BatchFeature` then stacks them into another, so the padded
-            batch (12 MB an image at 1024) is written twice. Here each byte of it is written once: the image into
-            its corner of one batch tensor, zeros around it. Same values, returned as one `(B, C, H, W)` tensor
-            (`_preprocess_image_like_inputs` turns it back into SAM's list when no tensors are asked for).
+            SAM converts each resized image to float32, normalises it, pads it into a new tensor, and
+            `BatchFeature` then stacks the padded images into another: the batch (12 MB an image at 1024) is
+            written twice and the image region four times. Here each image is converted straight into its corner
+            of one batch tensor and normalised there with SAM's own fused mean and std, zeros around it. The same
+            float operations in the same order, so the same values (tested bit for bit against SAM's processor),
+            returned as one `(B, C, H, W)` tensor (`_preprocess_image_like_inputs` turns it back into SAM's list
+            when no tensors are asked for).
             """
-            processed, reshaped_input_sizes = super()._preprocess(images, do_pad=False, pad_size=pad_size, **kwargs)
             if not do_pad:
-                return processed, reshaped_input_sizes
+                return super()._preprocess(images, do_pad=do_pad, pad_size=pad_size, **kwargs)
+            normalize = bool(kwargs.get("do_normalize"))
+            resized_kwargs = dict(kwargs, do_normalize=False, do_rescale=False) if normalize else kwargs
+            processed, reshaped_input_sizes = super()._preprocess(
+                images, do_pad=False, pad_size=pad_size, **resized_kwargs
+            )
             height, width = pad_size.height, pad_size.width
             if any(image.shape[-2] > height or image.shape[-1] > width for image in processed):
                 # SAM's pad raises the error that names the sizes.
                 return self.pad(processed, pad_size=pad_size), reshaped_input_sizes
             first = processed[0]
-            batch = first.new_empty(len(processed), *first.shape[:-2], height, width)
+            dtype = torch.float32 if normalize else first.dtype
+            batch = torch.empty(len(processed), *first.shape[:-2], height, width, dtype=dtype, device=first.device)
+            if normalize:
+                mean, std, _ = self._fuse_mean_std_and_rescale_factor(
+                    do_normalize=True,
+                    image_mean=kwargs.get("image_mean"),
+                    image_std=kwargs.get("image_std"),
+                    do_rescale=kwargs.get("do_rescale"),
+                    rescale_factor=kwargs.get("rescale_factor"),
+                    device=first.device,
+                )
             for target, image in zip(batch, processed):
                 rows, cols = image.shape[-2:]
-                # The image last: the adapter input is computed from it next, while it is still in cache.
                 target[..., rows:, :] = 0
                 target[..., :rows, cols:] = 0
-                target[..., :rows, :cols] = image
+                # The image last: the adapter input is computed from it next, while it is still in cache.
+                region = target[..., :rows, :cols]
+                region.copy_(image)
+                if normalize:
+                    self.normalize(region, mean, std, inplace=True)
             return batch, reshaped_input_sizes
+
 
 else:  # pragma: no cover - exercised only where torchvision is missing
     PASamImageProcessor = PASamImageProcessorPil
