@@ -61,6 +61,9 @@ def test_wrap_to_uint8_truncates_then_wraps() -> None:
     expected = np.mod(np.trunc(values.double().numpy()).astype(np.int64), 256).astype(np.uint8)
     assert wrap_to_uint8(values).numpy().tolist() == expected.tolist()
     assert wrap_to_uint8(torch.tensor([-1.3, 2.4])).tolist() == [255, 2]
+    # Arrays in, arrays out: the same cast.
+    as_array = wrap_to_uint8(values.numpy())
+    assert isinstance(as_array, np.ndarray) and as_array.dtype == np.uint8 and as_array.tolist() == expected.tolist()
 
 
 def _sam_sized_processor() -> PASamProcessor:
