@@ -128,6 +128,56 @@ def test_region_only_path_checks_its_sizes_and_batches() -> None:
 def test_sam_outputs_are_sams_exactly(return_tensors, options) -> None:
     """PA-SAM's processor pads in place into one batch tensor: every output SAM's processor gives is the same,
     values, dtypes and types, for a batch of differently shaped images with segmentation maps."""
+    images = [synthetic_image(200, 300, seed=1), synthetic_image(300, 150, seed=2), synthetic_image(64, 64, seed=3)]
+    if options.get("do_pad") is False:
+        images = images[:1]  # unpadded images of different sizes do not stack
+    _assert_same_as_sams(images, return_tensors, options)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "options"),
+    [
+        # Shrinking (the antialiased kernel's wide filter), odd sides, portrait and a 7-pixel-high strip.
+        ([(1500, 1100), (1201, 777), (333, 1999), (7, 1900)], {}),
+        ([(1500, 1100), (1201, 777)], {"do_pad": False, "disable_grouping": True}),
+        # Same-shaped images stacked into one resize call.
+        ([(480, 854), (480, 854), (1080, 1920)], {"disable_grouping": False}),
+    ],
+)
+def test_resized_images_are_sams_from_the_channels_last_view(shapes, options) -> None:
+    """`process_image` hands the resize a channels-last view instead of SAM's contiguous copy: the same bytes for
+    shrinking and enlarging, odd sizes and grouped batches."""
+    images = [synthetic_image(height, width, seed=index) for index, (height, width) in enumerate(shapes)]
+    if options.get("do_pad") is False:
+        images = images[:1]
+    _assert_same_as_sams(images, "pt", options)
+
+
+def test_process_image_keeps_the_callers_pixels_as_a_channels_last_view() -> None:
+    pytest.importorskip("torchvision")
+    from transformers.image_utils import ChannelDimension
+
+    image = synthetic_image(50, 70, seed=0)
+    tensor = _sam_sized_processor().image_processor.process_image(image, input_data_format=ChannelDimension.LAST)
+    assert tensor.shape == (3, 50, 70) and tensor.dtype == torch.uint8
+    assert tensor.data_ptr() == image.__array_interface__["data"][0] and tensor.permute(1, 2, 0).is_contiguous()
+    assert np.array_equal(tensor.permute(1, 2, 0).numpy(), image)
+
+
+def test_real_photos_preprocess_as_sams(shared_data) -> None:
+    from PIL import Image
+
+    photos = sorted((shared_data / "davis345").rglob("*.jpg"))[::50] + sorted((shared_data / "hq-fixture").rglob("*.jpg"))
+    if not photos:
+        pytest.skip("no photos in the shared data")
+    for path in photos:
+        with Image.open(path) as opened:
+            _assert_same_as_sams([np.array(opened.convert("RGB"))], "pt", {})
+
+
+def _assert_same_as_sams(images: list[np.ndarray], return_tensors, options: dict) -> None:
+    """Every output of SAM's processor (images, segmentation maps and a box each) equals PA-SAM's: values, dtypes
+    and types."""
     pytest.importorskip("torchvision")
     from transformers import SamProcessor
     from transformers.models.sam.image_processing_sam import SamImageProcessor
@@ -138,12 +188,8 @@ def test_sam_outputs_are_sams_exactly(return_tensors, options) -> None:
     assert isinstance(processor.image_processor, PASamImageProcessor)
     sizes = {key: getattr(processor.image_processor, key) for key in ("size", "pad_size", "mask_size", "mask_pad_size")}
     sam = SamProcessor(image_processor=SamImageProcessor(**sizes))
-    images = [synthetic_image(200, 300, seed=1), synthetic_image(300, 150, seed=2), synthetic_image(64, 64, seed=3)]
     maps = [(image[..., 0] > 128).astype(np.uint8) for image in images]
-    boxes = [[[10.0, 10.0, 50.0, 60.0]]] * 3
-    if options.get("do_pad") is False:
-        images, maps = images[:1], maps[:1]  # unpadded images of different sizes do not stack
-    boxes = boxes[: len(images)]
+    boxes = [[[0.0, 0.0, image.shape[1] * 0.5, image.shape[0] * 0.5 + 1]] for image in images]
     ours = processor(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors, **options)
     theirs = sam(images=images, segmentation_maps=maps, input_boxes=boxes, return_tensors=return_tensors, **options)
     assert set(theirs) <= set(ours) and "adapter_pixel_values" in ours

@@ -283,6 +283,28 @@ if is_torchvision_available():
 
         valid_kwargs = PASamImageProcessorKwargs
 
+        def process_image(self, image, do_convert_rgb=None, input_data_format=None, device=None, **kwargs):
+            """SAM's `process_image`, except that an `(H, W, 3)` uint8 array becomes a channels-last `(3, H, W)`
+            view rather than a contiguous copy.
+
+            Every image arrives here in that form (`_preprocess_image_like_inputs` runs `prepare_images` first).
+            torch's antialiased uint8 resize works on interleaved pixels: from a planar input it repacks them, so
+            SAM's transposing copy and that repacking (together 2.5 ms of a 3 ms resize for a 480 x 854 photo on
+            two CPU threads) buy nothing. The resized image is the same bytes either way (tested against SAM).
+            """
+            if not (
+                isinstance(image, np.ndarray)
+                and image.dtype == np.uint8
+                and image.ndim == 3
+                and image.shape[-1] == 3
+                and input_data_format == ChannelDimension.LAST
+            ):
+                return super().process_image(
+                    image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=device, **kwargs
+                )
+            image = torch.from_numpy(image).permute(2, 0, 1)
+            return image if device is None else image.to(device)
+
         def _preprocess(self, images, do_pad=None, pad_size=None, **kwargs):
             """SAM's `_preprocess`, except that the padded batch is written once, normalised in place.
 
