@@ -17,6 +17,7 @@ from pasam_hf.benchmarking import (
     BENCHMARK_FUNCTIONS,
     BENCHMARKS,
     BenchmarkSettings,
+    BenchmarkTable,
     _memory_probe,
     build_models,
     pasam_training_step,
@@ -48,6 +49,28 @@ def test_training_benchmark_script(monkeypatch, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "| B=4 |" in out and "cached/encoder" in out and "pasam/sam cached" in out
+
+
+def test_compile_option_compiles_every_compared_model(monkeypatch):
+    """`--compile BACKEND` wraps each model of the decoder benchmark in torch.compile (the eager backend here: the
+    plumbing, not inductor's code generation, which takes minutes on a CPU) and says so in the table notes."""
+    from pasam_hf.benchmarking import add_benchmark_arguments, compiled, run_benchmarks, settings_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--compile"])).compile == "inductor"
+    assert settings_from_args(parser.parse_args([])).compile is None
+    settings = settings_from_args(parser.parse_args(["--quick", "--repeats", "1", "--compile", "eager"]))
+    models = build_models(sam_config(True), kinds=("sam", "pasam"))
+    wrapped = compiled(models, settings)
+    assert all(isinstance(model, torch._dynamo.eval_frame.OptimizedModule) for model in wrapped.values())
+    assert compiled(models, BenchmarkSettings(quick=True)) == models
+    # Any benchmark outside COMPILED_BENCHMARKS gets the note; a stand-in keeps this test to the decoder's time.
+    monkeypatch.setitem(BENCHMARK_FUNCTIONS, "processor", lambda settings: BenchmarkTable("stand-in", ["a"], []))
+    decoder, processor = run_benchmarks(["decoder", "processor"], settings)
+    assert decoder.rows and "torch.compile (backend eager)" in decoder.notes[-1]
+    assert "ran eagerly" in processor.notes[-1]
 
 
 def test_memory_probe_of_a_training_step_runs():

@@ -118,6 +118,8 @@ class BenchmarkSettings:
     repeats: int | None = None
     data_dir: Path = DEFAULT_DATA
     seed: int = 0
+    # A torch.compile backend ("inductor", "eager", ...) for the models of the decoder and end-to-end benchmarks.
+    compile: str | None = None
 
     def num_repeats(self, full: int) -> int:
         if self.repeats is not None:
@@ -335,6 +337,20 @@ def _move(inputs: Mapping, device: str, dtype: torch.dtype) -> dict:
     return moved
 
 
+COMPILED_BENCHMARKS = ("decoder", "e2e")
+
+
+def compiled(models: Mapping[str, torch.nn.Module], settings: BenchmarkSettings) -> dict[str, torch.nn.Module]:
+    """The models under `torch.compile(backend=settings.compile)`, or unchanged when no backend is set.
+
+    Every compared model is compiled alike, so the ratios stay like for like; the warm-up rounds of the benchmark
+    absorb the compilation (and the recompilation for each new prompt count).
+    """
+    if not settings.compile:
+        return dict(models)
+    return {kind: torch.compile(model, backend=settings.compile) for kind, model in models.items()}
+
+
 def _caller(model: torch.nn.Module, inputs: Mapping) -> Callable[[], object]:
     def call() -> object:
         with torch.inference_mode():
@@ -355,7 +371,8 @@ def bench_decoder(settings: BenchmarkSettings, prompt_counts: Sequence[int] = (1
     for count in prompt_counts:
         inputs = decoder_inputs(models, config, count, settings.seed)
         functions = {
-            kind: _caller(model, _move(inputs[kind], settings.device, settings.dtype)) for kind, model in models.items()
+            kind: _caller(model, _move(inputs[kind], settings.device, settings.dtype))
+            for kind, model in compiled(models, settings).items()
         }
         repeats = settings.num_repeats(15 if count < 64 else 9)
         times = interleaved_times(functions, repeats, warmup=2, device=settings.device)
@@ -373,7 +390,9 @@ def _describe(settings: BenchmarkSettings, config: SamConfig, repeats: int) -> s
     return (
         f"{size} trunk, input {config.vision_config.image_size}, device {settings.device}"
         f"{f' ({torch.get_num_threads()} torch threads)' if settings.device == 'cpu' else ''}, dtype "
-        f"{str(settings.dtype).removeprefix('torch.')}, {repeats} interleaved repetitions; ratio = median of "
+        f"{str(settings.dtype).removeprefix('torch.')}"
+        f"{f', torch.compile (backend {settings.compile})' if settings.compile else ''}, {repeats} interleaved "
+        "repetitions; ratio = median of "
         "per-repetition ratios [interquartile range]."
     )
 
@@ -390,7 +409,8 @@ def bench_end_to_end(settings: BenchmarkSettings) -> BenchmarkTable:
     adapter = models["pasam"].compute_adapter_pixel_values(pixel_values)
     inputs = {"sam": common, "pasam": {**common, "adapter_pixel_values": adapter}}
     functions = {
-        kind: _caller(model, _move(inputs[kind], settings.device, settings.dtype)) for kind, model in models.items()
+        kind: _caller(model, _move(inputs[kind], settings.device, settings.dtype))
+        for kind, model in compiled(models, settings).items()
     }
     repeats = settings.num_repeats(7)
     times = interleaved_times(functions, repeats, warmup=1, device=settings.device)
@@ -976,6 +996,8 @@ def run_benchmarks(names: Iterable[str], settings: BenchmarkSettings) -> list[Be
         if name not in BENCHMARK_FUNCTIONS:
             raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or 'all'.")
         table = BENCHMARK_FUNCTIONS[name](settings)
+        if settings.compile and name not in COMPILED_BENCHMARKS:
+            table.notes.append(f"--compile applies to {' and '.join(COMPILED_BENCHMARKS)} only: this one ran eagerly.")
         print(table.to_markdown(), flush=True)
         tables.append(table)
     return tables
@@ -998,6 +1020,8 @@ def add_benchmark_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repetitions per case")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder with davis345/ and hq-fixture/")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the models of the decoder and e2e benchmarks (default backend: inductor)")
     parser.add_argument("--threads", type=_thread_count, default=None,
                         help="torch CPU threads (default: torch's, one per core); the tables say which was used")
 
@@ -1023,5 +1047,5 @@ def settings_from_args(args) -> BenchmarkSettings:
 
     return BenchmarkSettings(
         quick=args.quick, device=args.device, dtype=resolve_dtype(args.dtype), repeats=args.repeats,
-        data_dir=args.data_dir,
+        data_dir=args.data_dir, compile=args.compile,
     )
