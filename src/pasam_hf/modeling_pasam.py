@@ -155,6 +155,50 @@ def _static_size(size: int | torch.SymInt, nominal: int) -> int:
     return size if isinstance(size, int) else nominal
 
 
+def block_conv(conv: nn.Conv2d, blocks: Tensor) -> Tensor:
+    """A convolution whose kernel equals its stride (no padding) on pixel blocks laid out as features.
+
+    Args:
+        conv (`nn.Conv2d`): kernel `(k_h, k_w)` = stride, no padding, no groups, no dilation.
+        blocks (`torch.Tensor` of shape `(..., k_h * k_w * C_in)`): each output pixel's input block, ordered
+            (block row, block column, channel).
+
+    Returns:
+        `torch.Tensor` of shape `(..., C_out)`: `conv` at that pixel (up to float rounding).
+    """
+    return F.linear(blocks, conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
+
+
+def pixelwise_transposed_conv(conv: nn.ConvTranspose2d, pixels: Tensor) -> Tensor:
+    """A transposed convolution whose kernel equals its stride (no padding), as one product over the pixels.
+
+    Each input pixel maps to its own `k_h x k_w` block of output pixels, so the output is kept as blocks: no
+    scattering into an image, which the per-pixel layer norm, GELU and the next such convolution do not need.
+
+    Args:
+        conv (`nn.ConvTranspose2d`): kernel `(k_h, k_w)` = stride, no padding, no groups, no dilation.
+        pixels (`torch.Tensor` of shape `(..., M, C_in)`).
+
+    Returns:
+        `torch.Tensor` of shape `(..., M * k_h * k_w, C_out)`, ordered (input pixel, block row, block column): `conv`'s
+        output pixels (up to float rounding).
+    """
+    kernel_h, kernel_w = conv.kernel_size
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(kernel_h * kernel_w * conv.out_channels, conv.in_channels)
+    bias = None if conv.bias is None else conv.bias.repeat(kernel_h * kernel_w)
+    return F.linear(pixels, weight, bias).unflatten(-1, (kernel_h * kernel_w, conv.out_channels)).flatten(-3, -2)
+
+
+def _check_patch_conv(conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
+    if (
+        tuple(conv.kernel_size) != tuple(conv.stride)
+        or any(conv.padding)
+        or conv.groups != 1
+        or any(d != 1 for d in conv.dilation)
+    ):
+        raise ValueError(f"{conv} must have kernel = stride, no padding, groups or dilation (SAM's layout).")
+
+
 def _fold_shared_position(states: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """`(states + position, None)` when `states` is shared by the prompts (one sum per image), else unchanged: a
     per-prompt side keeps its position apart, for a second product instead of a per-prompt sum."""
@@ -678,6 +722,60 @@ class PASamMaskDecoder(SamMaskDecoder):
             nn.Conv2d(hidden_size, hidden_size, kernel_size=1),
         )
         self.prompt_adapter = PASamPromptAdapter(config)
+        guiding_convs = (self.guiding_conv[0], self.guiding_conv[3], self.guiding_conv[6])
+        for conv in (*guiding_convs, self.upscale_conv1, self.upscale_conv2):
+            _check_patch_conv(conv)
+
+    # The guiding branch and the upscaling are written as products over pixels (`block_conv`,
+    # `pixelwise_transposed_conv`), not convolutions: every convolution in them has kernel = stride, so each output
+    # pixel reads one input block, and the layer norms and GELUs act per pixel. Beside saving the scatter of each
+    # upscaled image and its re-reading as tokens, this keeps convolutions out of the decoder's graph: with one
+    # there, torch.compile's inductor lays every 4-D tensor feeding it out channels-last, which for the
+    # `(B, P, N, C)` token tensors puts the prompt axis innermost (strided writes and a copy before every product;
+    # PA-SAM's decoder at P = 16 went from 0.9x to 1.4x SAM's when compiled on a CPU).
+    def guiding_tokens(self, adapter_pixel_values: Tensor) -> Tensor:
+        """The guiding branch (`guiding_conv`) as image tokens.
+
+        Args:
+            adapter_pixel_values (`torch.Tensor` of shape `(B, 4, 4h, 4w)`).
+
+        Returns:
+            `torch.Tensor` of shape `(B, h * w, C)`: `guiding_conv(adapter_pixel_values)` flattened to tokens.
+        """
+        conv1, norm1, act1, conv2, norm2, act2, conv3 = self.guiding_conv
+        batch_size, channels, height, width = adapter_pixel_values.shape
+        inner, outer = conv1.kernel_size[0], conv2.kernel_size[0]
+        rows, cols = height // (inner * outer), width // (inner * outer)
+        # Image row (i * outer + a) * inner + d: output pixel i, block row a of the second conv, row d of the first.
+        blocks = adapter_pixel_values.reshape(batch_size, channels, rows, outer, inner, cols, outer, inner)
+        blocks = blocks.permute(0, 2, 5, 3, 6, 4, 7, 1).reshape(batch_size, rows * cols, outer * outer, -1)
+        # SamLayerNorm's channels_first mode only moves the channels last for nn.LayerNorm: here they already are.
+        hidden = act1(nn.LayerNorm.forward(norm1, block_conv(conv1, blocks)))
+        hidden = act2(nn.LayerNorm.forward(norm2, block_conv(conv2, hidden.flatten(-2))))
+        return block_conv(conv3, hidden)
+
+    def upscaled_pixels(self, image_embeddings: Tensor) -> Tensor:
+        """SAM's upscaling (`upscale_conv1`, `upscale_layer_norm`, GELU, `upscale_conv2`, GELU) per image token.
+
+        Args:
+            image_embeddings (`torch.Tensor` of shape `(..., N, C)`).
+
+        Returns:
+            `torch.Tensor` of shape `(..., N * 16, C / 8)`: the upscaled pixels in block order (token, block row and
+            column of the first convolution, of the second); `unblock_masks` puts products of them in image order.
+        """
+        upscaled = pixelwise_transposed_conv(self.upscale_conv1, image_embeddings)
+        upscaled = self.activation(nn.LayerNorm.forward(self.upscale_layer_norm, upscaled))
+        return self.activation(pixelwise_transposed_conv(self.upscale_conv2, upscaled))
+
+    def unblock_masks(self, masks: Tensor, height: int, width: int) -> Tensor:
+        """`(..., N * 16)` values in `upscaled_pixels`' block order -> `(..., 4 * height, 4 * width)` images."""
+        first, second = self.upscale_conv1.kernel_size[0], self.upscale_conv2.kernel_size[0]
+        blocks = masks.unflatten(-1, (height, width, first, first, second, second))
+        lead = blocks.ndim - 6
+        order = [lead + 0, lead + 2, lead + 4, lead + 1, lead + 3, lead + 5]  # rows: token, first, second; columns
+        blocks = blocks.permute(*range(lead), *order)
+        return blocks.reshape(*masks.shape[:-1], height * first * second, width * first * second)
 
     def forward(
         self,
@@ -704,7 +802,7 @@ class PASamMaskDecoder(SamMaskDecoder):
             point_label_embeddings (`torch.Tensor` of shape `(2, C)`): negative and positive point embeddings.
             mine_points (`bool`): whether the adapter mines hard points.
         """
-        batch_size, num_channels, height, width = image_embeddings.shape
+        batch_size, _, height, width = image_embeddings.shape
         if sparse_prompt_embeddings is not None:
             point_batch_size = sparse_prompt_embeddings.shape[1]
         else:
@@ -718,8 +816,7 @@ class PASamMaskDecoder(SamMaskDecoder):
         point_embeddings = tokens.to(self.iou_token.weight.dtype)
 
         # The guiding branch runs once per image, not once per prompt.
-        guiding_embedding = self.guiding_conv(adapter_pixel_values.to(self.iou_token.weight.dtype))
-        guiding_embedding = guiding_embedding.flatten(2).transpose(1, 2).unsqueeze(1)
+        guiding_embedding = self.guiding_tokens(adapter_pixel_values.to(self.iou_token.weight.dtype)).unsqueeze(1)
 
         # Not repeated per prompt (SAM repeats both): the transformer broadcasts what all prompts share.
         if dense_prompt_embeddings.ndim == 5:
@@ -745,25 +842,18 @@ class PASamMaskDecoder(SamMaskDecoder):
         iou_token_out = point_embedding[:, :, 0, :]
         mask_tokens_out = point_embedding[:, :, 1 : (1 + self.num_mask_tokens), :]
 
-        # (B, P, N, C) read as a channels-last (B * P, C, h, w): the upscaling keeps that layout end to end, so
-        # neither its input nor its output is transposed into a copy.
-        image_embeddings = image_embeddings.reshape(batch_size * point_batch_size, height, width, num_channels)
-        upscaled_embedding = self.upscale_conv1(image_embeddings.permute(0, 3, 1, 2))
-        upscaled_embedding = self.activation(self.upscale_layer_norm(upscaled_embedding))
-        upscaled_embedding = self.activation(self.upscale_conv2(upscaled_embedding))
-
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, :, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2
-        )
-        _, num_channels, height, width = upscaled_embedding.shape
-        pixels = upscaled_embedding.permute(0, 2, 3, 1).reshape(batch_size, point_batch_size, height * width, -1)
-        masks = (hyper_in @ pixels.transpose(-1, -2)).reshape(batch_size, point_batch_size, -1, height, width)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-
         # All three multimask outputs (the release drops one of them; see the reference's known defects).
         mask_slice = slice(1, None) if multimask_output else slice(0, 1)
+        # Every hypernetwork runs (the unused ones then get zero gradients, as in SAM, so DDP sees all parameters);
+        # only the returned masks are multiplied out.
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, :, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=2
+        )[:, :, mask_slice]
+        pixels = self.upscaled_pixels(image_embeddings)  # (B, P, N * 16, C / 8), in block order
+        masks = self.unblock_masks(hyper_in @ pixels.transpose(-1, -2), height, width)
+        iou_pred = self.iou_prediction_head(iou_token_out)
         return PASamMaskDecoderOutput(
-            masks=masks[:, :, mask_slice], iou_scores=iou_pred[:, :, mask_slice], adapter_output=adapter_output
+            masks=masks, iou_scores=iou_pred[:, :, mask_slice], adapter_output=adapter_output
         )
 
 
