@@ -61,6 +61,9 @@ def test_compile_option_compiles_every_compared_model(monkeypatch):
     add_benchmark_arguments(parser)
     assert settings_from_args(parser.parse_args(["--compile"])).compile == "inductor"
     assert settings_from_args(parser.parse_args([])).compile is None
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, naming the backends to choose from
+        parser.parse_args(["--compile", "bogus"])
+    assert exit_.value.code == 2
     settings = settings_from_args(parser.parse_args(["--quick", "--repeats", "1", "--compile", "eager"]))
     models = build_models(sam_config(True), kinds=("sam", "pasam"))
     wrapped = compiled(models, settings)

@@ -87,6 +87,8 @@ def test_a_padded_convolution_is_refused() -> None:
 
     with pytest.raises(ValueError, match="kernel = stride"):
         _check_patch_conv(nn.Conv2d(4, 8, kernel_size=3, padding=1))
+    with pytest.raises(ValueError, match="square kernel"):
+        _check_patch_conv(nn.ConvTranspose2d(4, 8, kernel_size=(2, 3), stride=(2, 3)))
 
 
 def test_no_convolution_in_the_compiled_decoder_graph() -> None:

@@ -368,11 +368,12 @@ def bench_decoder(settings: BenchmarkSettings, prompt_counts: Sequence[int] = (1
         value_columns=["sam", "sam_hq", "pasam"],
         ratio_columns=["pasam/sam", "pasam/sam_hq", "sam_hq/sam"],
     )
+    timed_models = compiled(models, settings)
     for count in prompt_counts:
         inputs = decoder_inputs(models, config, count, settings.seed)
         functions = {
             kind: _caller(model, _move(inputs[kind], settings.device, settings.dtype))
-            for kind, model in compiled(models, settings).items()
+            for kind, model in timed_models.items()
         }
         repeats = settings.num_repeats(15 if count < 64 else 9)
         times = interleaved_times(functions, repeats, warmup=2, device=settings.device)
@@ -1020,10 +1021,24 @@ def add_benchmark_arguments(parser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repetitions per case")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder with davis345/ and hq-fixture/")
-    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+    parser.add_argument("--compile", nargs="?", type=_compile_backend, const="inductor", default=None,
+                        metavar="BACKEND",
                         help="torch.compile the models of the decoder and e2e benchmarks (default backend: inductor)")
     parser.add_argument("--threads", type=_thread_count, default=None,
                         help="torch CPU threads (default: torch's, one per core); the tables say which was used")
+
+
+def _compile_backend(text: str) -> str:
+    """argparse type of --compile: an unknown backend is argparse's usage error (exit code 2), listing the known."""
+    import argparse
+
+    import torch._dynamo
+
+    if text not in torch._dynamo.list_backends(exclude_tags=()):
+        # The debug and testing backends are accepted but not offered.
+        offered = sorted({"eager", *torch._dynamo.list_backends()})
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {text!r}; use one of {', '.join(offered)}")
+    return text
 
 
 def _thread_count(text: str) -> int:

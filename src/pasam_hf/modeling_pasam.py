@@ -190,13 +190,17 @@ def pixelwise_transposed_conv(conv: nn.ConvTranspose2d, pixels: Tensor) -> Tenso
 
 
 def _check_patch_conv(conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
+    """What `PASamMaskDecoder`'s pixel products assume of its convolutions (square kernels: they read one side)."""
     if (
         tuple(conv.kernel_size) != tuple(conv.stride)
+        or conv.kernel_size[0] != conv.kernel_size[1]
         or any(conv.padding)
         or conv.groups != 1
         or any(d != 1 for d in conv.dilation)
     ):
-        raise ValueError(f"{conv} must have kernel = stride, no padding, groups or dilation (SAM's layout).")
+        raise ValueError(
+            f"{conv} must have a square kernel = stride, no padding, groups or dilation (SAM's layout)."
+        )
 
 
 def _fold_shared_position(states: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor | None]:
