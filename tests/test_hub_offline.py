@@ -238,3 +238,16 @@ assert type(generator.model).__name__ == "PASamModel", type(generator.model)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
     assert json.loads((hub["root"] / "pasam" / "config.json").read_text())["auto_map"]
+
+
+def test_explicit_cache_dir_reaches_every_file(hub, tmp_path: Path, monkeypatch) -> None:
+    """`cache_dir=` (a cache other than the default one) is where the SAM weights, the PA-SAM checkpoint, its
+    processor and an adapter by repo id are all read from."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-default-cache"))
+    cache_dir = str(hub["cache"])
+    assert_same_weights(PASamModel.from_pretrained(PASAM_ID, cache_dir=cache_dir), hub["pasam"])
+    assert type(PASamProcessor.from_pretrained(PASAM_ID, cache_dir=cache_dir)) is PASamProcessor
+    composed = PASamModel.from_sam_pretrained(SAM_ID, adapter=ADAPTER_ID, cache_dir=cache_dir)
+    assert_same_weights(composed, hub["trained"])
+    other = PASamModel.from_sam_pretrained(SAM_ID, cache_dir=cache_dir)
+    assert_same_weights(load_adapter(other, ADAPTER_ID, cache_dir=cache_dir), hub["trained"])

@@ -123,8 +123,15 @@ def save_adapter(model: torch.nn.Module, save_directory: str | os.PathLike, base
     return directory
 
 
-def _resolve(adapter: str | os.PathLike, revision: str | None, token: str | bool | None) -> tuple[Path, Path]:
-    """Local paths of the adapter's config and weights: a directory, or files fetched from a Hub repo."""
+def _resolve(
+    adapter: str | os.PathLike,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> tuple[Path, Path]:
+    """Local paths of the adapter's config and weights: a directory, or files fetched from a Hub repo (into
+    `cache_dir`, by default the Hugging Face cache; from there only with `local_files_only` or `HF_HUB_OFFLINE=1`)."""
     location = Path(adapter).expanduser()
     if location.is_dir():
         files = location / ADAPTER_CONFIG_NAME, location / ADAPTER_WEIGHTS_NAME
@@ -139,7 +146,8 @@ def _resolve(adapter: str | os.PathLike, revision: str | None, token: str | bool
         raise AdapterError(f"adapter {adapter} is neither a local directory nor a Hub repo id (owner/name).")
     try:
         return tuple(
-            Path(hf_hub_download(str(adapter), name, revision=revision, token=token))
+            Path(hf_hub_download(str(adapter), name, revision=revision, token=token, cache_dir=cache_dir,
+                                 local_files_only=local_files_only))
             for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
         )
     except Exception as error:  # huggingface_hub raises many types (offline, 404, gated); all mean "not fetched"
@@ -150,9 +158,11 @@ def _resolve(adapter: str | os.PathLike, revision: str | None, token: str | bool
 
 
 def read_adapter_config(adapter: str | os.PathLike, revision: str | None = None,
-                        token: str | bool | None = None) -> dict[str, Any]:
-    """The content of an adapter's `adapter_config.json` (local directory or Hub repo id)."""
-    config_file, _ = _resolve(adapter, revision, token)
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False) -> dict[str, Any]:
+    """The content of an adapter's `adapter_config.json` (local directory or Hub repo id; the Hub arguments are
+    `hf_hub_download`'s)."""
+    config_file, _ = _resolve(adapter, revision, token, cache_dir, local_files_only)
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
@@ -194,8 +204,11 @@ def load_adapter(
     adapter: str | os.PathLike,
     revision: str | None = None,
     token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> torch.nn.Module:
     """Load an adapter (a directory written by [`save_adapter`], or a Hub repo id) into a [`PASamModel`], in place.
+    `revision`, `token`, `cache_dir` and `local_files_only` are `hf_hub_download`'s, for a Hub repo id.
 
     Checks that the adapter fits the model's trunk sizes and adapter architecture, that it holds exactly the
     trained parameters and that every shape matches; adapter settings that only change the computation (edge mode,
@@ -205,7 +218,7 @@ def load_adapter(
     Returns:
         `model`.
     """
-    config_file, weights_file = _resolve(adapter, revision, token)
+    config_file, weights_file = _resolve(adapter, revision, token, cache_dir, local_files_only)
     adapter_config = read_adapter_config(config_file.parent)
     check_adapter_fits(adapter_config, model.config, name=f"adapter {adapter}")
     try:

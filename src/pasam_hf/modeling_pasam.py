@@ -1217,10 +1217,12 @@ class PASamModel(SamModel):
                 f"{pretrained_model_name_or_path} holds a {sam_config.model_type!r} model, not SAM; "
                 "from_sam_pretrained takes SAM checkpoints (model_type 'sam')."
             )
+        # The adapter comes from the cache the SAM weights come from (`revision` is the SAM repo's).
+        adapter_hub_kwargs = {key: kwargs[key] for key in ("token", "cache_dir", "local_files_only") if key in kwargs}
         if adapter is not None:
             from .adapters import read_adapter_config
 
-            saved_settings = read_adapter_config(adapter, token=kwargs.get("token"))["adapter_settings"]
+            saved_settings = read_adapter_config(adapter, **adapter_hub_kwargs)["adapter_settings"]
             conflicts = {key: value for key, value in (adapter_config or {}).items()
                          if key in saved_settings and saved_settings[key] != value}
             if conflicts:
@@ -1248,7 +1250,7 @@ class PASamModel(SamModel):
             from .adapters import load_adapter
 
             logger.info(f"Loaded SAM weights from {pretrained_model_name_or_path} and the PA-SAM adapter {adapter}.")
-            return load_adapter(model, adapter, token=kwargs.get("token"))
+            return load_adapter(model, adapter, **adapter_hub_kwargs)
         logger.warning(
             f"Loaded SAM weights from {pretrained_model_name_or_path}; the {len(missing)} PA-SAM adapter tensors "
             f"(mask_decoder.guiding_conv.*, mask_decoder.prompt_adapter.*) are new and initialised "
