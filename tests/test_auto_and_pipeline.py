@@ -191,3 +191,46 @@ with torch.no_grad():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_remote_code_loads_processors_saved_with_either_backend(model: PASamModel, image, tmp_path: Path) -> None:
+    """A checkpoint whose processor was saved with the PIL backend loads by remote code too (transformers writes
+    both backends' configs alike, so the auto_map must name both), as does an image processor saved alone."""
+    torchvision = PASamProcessor.from_model_config(model.config)
+    pil = PASamProcessor(image_processor=PASamImageProcessorPil(**torchvision.image_processor.to_dict()))
+    expected = {}
+    for name, processor in (("torchvision", torchvision), ("pil", pil)):
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        processor.image_processor.save_pretrained(tmp_path / f"{name}-image-processor")
+        expected[name] = processor(images=image, return_tensors="pt")["adapter_pixel_values"]
+    saved = json.loads((tmp_path / "pil" / "processor_config.json").read_text())["image_processor"]
+    assert saved["auto_map"]["AutoImageProcessor"] == {
+        "torchvision": "image_processing_pasam.PASamImageProcessor",
+        "pil": "image_processing_pasam.PASamImageProcessorPil",
+    }
+    np.save(tmp_path / "image.npy", image)
+    script = f"""
+import sys
+sys.modules["pasam_hf"] = None  # the package is not importable: everything must come from the checkpoint
+import numpy as np, torch
+from transformers import AutoImageProcessor, AutoProcessor
+root, image, results = {str(tmp_path)!r}, np.load({str(tmp_path / 'image.npy')!r}), {{}}
+for saved_with in ("torchvision", "pil"):
+    for backend in ("torchvision", "pil"):
+        processor = AutoProcessor.from_pretrained(f"{{root}}/{{saved_with}}", trust_remote_code=True, backend=backend)
+        image_processor = AutoImageProcessor.from_pretrained(
+            f"{{root}}/{{saved_with}}-image-processor", trust_remote_code=True, backend=backend
+        )
+        for loaded in (processor.image_processor, image_processor):
+            name = type(loaded).__name__
+            assert name == "PASamImageProcessor" + ("Pil" if backend == "pil" else ""), (saved_with, backend, name)
+            assert type(loaded).__module__.startswith("transformers_modules"), type(loaded).__module__
+        results[saved_with, backend] = processor(images=image, return_tensors="pt")["adapter_pixel_values"]
+torch.save(results, f"{{root}}/out.pt")
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (saved_with, backend), adapter_pixel_values in torch.load(tmp_path / "out.pt").items():
+        torch.testing.assert_close(adapter_pixel_values, expected[backend])

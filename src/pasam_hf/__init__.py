@@ -42,7 +42,9 @@ def _register() -> None:
     # also loads with trust_remote_code=True where pasam_hf is not installed.
     PASamConfig.register_for_auto_class()
     PASamModel.register_for_auto_class("AutoModelForMaskGeneration")
+    # Both backends: an image processor saved with either one carries the code and the auto_map of both.
     PASamImageProcessor.register_for_auto_class("AutoImageProcessor")
+    PASamImageProcessorPil.register_for_auto_class("AutoImageProcessor")
     PASamProcessor.register_for_auto_class("AutoProcessor")
 
 

@@ -207,6 +207,13 @@ class PASamImageProcessorKwargs(SamImageProcessorKwargs, total=False):
 
 
 _ADAPTER_KWARGS = ("edge_mode", "adapter_size", "canny_low_threshold", "canny_high_threshold")
+# The remote-code entry of a saved image processor. transformers writes one config for both backends (it drops the
+# "Pil" suffix of image_processor_type) and picks the backend when loading (`backend=`, torchvision if installed),
+# so the entry names the class of each backend, whichever one saved it.
+_AUTO_MAP_BACKENDS = {
+    "torchvision": "image_processing_pasam.PASamImageProcessor",
+    "pil": "image_processing_pasam.PASamImageProcessorPil",
+}
 
 
 class _AdapterInputMixin:
@@ -241,6 +248,13 @@ class _AdapterInputMixin:
         else:
             encoding["adapter_pixel_values"] = adapter
         return encoding
+
+    def to_dict(self) -> dict:
+        """The backend's `to_dict`, with a remote-code entry (`auto_map`) that names both backends' classes."""
+        output = super().to_dict()
+        if "AutoImageProcessor" in (output.get("auto_map") or {}):
+            output["auto_map"] = {**output["auto_map"], "AutoImageProcessor": dict(_AUTO_MAP_BACKENDS)}
+        return output
 
     def _pads_with_zeros(self, kwargs: dict) -> bool:
         do_pad = kwargs.get("do_pad")
