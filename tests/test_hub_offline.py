@@ -190,16 +190,35 @@ def test_repo_id_missing_from_the_cache_is_one_clear_error(hub) -> None:
         load_model_and_processor("pasam-org/not-downloaded")
 
 
-def test_cli_segment_by_repo_id(hub, tmp_path: Path) -> None:
-    """`pasam segment --model org/name` in a fresh process that finds the cache through HF_HUB_CACHE."""
+def test_cli_by_repo_id(hub, tmp_path: Path) -> None:
+    """`pasam segment --model org/name` and `pasam train --model org/name`, each a fresh process that finds the
+    cache through HF_HUB_CACHE."""
     PIL.Image.fromarray(synthetic_image()).save(tmp_path / "a.png")
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for index in range(2):
+        image = synthetic_image(seed=index)
+        PIL.Image.fromarray(image).save(tmp_path / "data" / "images" / f"{index}.png")
+        PIL.Image.fromarray(np.where(image[..., 0] > 200, 255, 0).astype(np.uint8)).save(
+            tmp_path / "data" / "masks" / f"{index}.png"
+        )
     env = dict(os.environ, HF_HUB_CACHE=str(hub["cache"]), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pasam_hf", "segment", "a.png", "--box", *map(str, BOX), "--model", PASAM_ID,
-         "--device", "cpu", "--out", "out"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    commands = {
+        "segment": ["segment", "a.png", "--box", *map(str, BOX), "--model", PASAM_ID, "--device", "cpu",
+                    "--out", "out"],
+        "train": ["train", "--model", PASAM_ID, "--data", "data", "--output-dir", "run", "--max-steps", "1",
+                  "--batch-size", "2", "--report-to", "none", "--no-progress", "--max-instances-per-image", "1"],
+    }
+    # Side by side: each process mostly waits on its imports.
+    processes = {
+        name: subprocess.Popen([sys.executable, "-m", "pasam_hf", *args], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for name, args in commands.items()
+    }
+    results = {name: (process.wait(timeout=300), *process.communicate()) for name, process in processes.items()}
+    for name, (code, out, err) in results.items():
+        assert code == 0, (name, out[-2000:], err[-3000:])
+
     mask = np.asarray(PIL.Image.open(tmp_path / "out" / "a_mask.png"))
     processor = PASamProcessor.from_model_config(hub["pasam"].config)
     inputs = processor(images=synthetic_image(), input_boxes=[[BOX]], return_tensors="pt")
@@ -209,6 +228,12 @@ def test_cli_segment_by_repo_id(hub, tmp_path: Path) -> None:
     )[0][0, 0].numpy()
     decided = np.abs(logits) > 1e-4  # pixels this close to 0 may flip between processes
     assert np.array_equal((mask == 255)[decided], (logits > 0)[decided])
+
+    trained = PASamModel.from_pretrained(tmp_path / "run")
+    trainable = set(trainable_parameter_names(trained))
+    start, end = hub["pasam"].state_dict(), trained.state_dict()
+    assert all(torch.equal(end[name], start[name]) for name in start if name not in trainable)
+    assert any(not torch.equal(end[name], start[name]) for name in trainable)
 
 
 def test_remote_code_by_repo_id_without_the_package(hub, tmp_path: Path) -> None:
