@@ -276,3 +276,15 @@ def test_explicit_cache_dir_reaches_every_file(hub, tmp_path: Path, monkeypatch)
     assert_same_weights(composed, hub["trained"])
     other = PASamModel.from_sam_pretrained(SAM_ID, cache_dir=cache_dir)
     assert_same_weights(load_adapter(other, ADAPTER_ID, cache_dir=cache_dir), hub["trained"])
+
+
+def test_revision_picks_the_commit(hub, tmp_path: Path) -> None:
+    """A second commit of the repo under the tag `v2`: `revision="v2"` loads it, the default stays on main."""
+    torch.manual_seed(2)
+    newer = PASamModel(tiny_config()).eval()
+    newer.save_pretrained(tmp_path / "v2")
+    PASamProcessor.from_model_config(newer.config).save_pretrained(tmp_path / "v2")
+    add_to_hub_cache(hub["cache"], PASAM_ID, tmp_path / "v2", revision="v2")
+    assert_same_weights(PASamModel.from_pretrained(PASAM_ID, revision="v2"), newer)
+    assert_same_weights(load_model_and_processor(PASAM_ID, revision="v2")[0], newer)
+    assert_same_weights(PASamModel.from_pretrained(PASAM_ID), hub["pasam"])
