@@ -27,9 +27,7 @@ from transformers import (
     AutoModelForMaskGeneration,
     AutoProcessor,
     SamConfig,
-    SamImageProcessor,
     SamModel,
-    SamProcessor,
     pipeline,
 )
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
@@ -73,12 +71,15 @@ def hub(tmp_path_factory) -> dict:
     torch.manual_seed(1)
     sam = SamModel(sam_config).eval()
     sam.save_pretrained(root / "sam")
+    # The preprocessor_config.json of facebook/sam-vit-base (written by transformers 4), at this model's size.
     size = sam_config.vision_config.image_size
-    mask_side = 4 * sam_config.prompt_encoder_config.image_embedding_size
-    SamProcessor(image_processor=SamImageProcessor(
-        size={"longest_edge": size}, pad_size={"height": size, "width": size},
-        mask_size={"longest_edge": mask_side}, mask_pad_size={"height": mask_side, "width": mask_side},
-    )).save_pretrained(root / "sam")
+    (root / "sam" / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "SamImageProcessor",
+        "image_std": [0.229, 0.224, 0.225], "pad_size": {"height": size, "width": size},
+        "processor_class": "SamProcessor", "resample": 2, "rescale_factor": 0.00392156862745098,
+        "size": {"longest_edge": size},
+    }, indent=2))
     add_to_hub_cache(cache, SAM_ID, root / "sam")
 
     # An adapter trained on that SAM: SAM's weights, with the PA-SAM trained parts changed.
