@@ -33,7 +33,7 @@ from transformers import (
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
 
 from pasam_hf import PASamImageProcessor, PASamModel, PASamProcessor
-from pasam_hf.adapters import load_adapter, save_adapter, trainable_parameter_names
+from pasam_hf.adapters import AdapterError, load_adapter, save_adapter, trainable_parameter_names
 from pasam_hf.loading import ModelLoadError, load_model_and_processor
 
 PASAM_ID = "pasam-org/pa-sam-tiny"
@@ -63,8 +63,10 @@ def hub(tmp_path_factory) -> dict:
     config = tiny_config()
     torch.manual_seed(0)
     pasam = PASamModel(config).eval()
+    # As `pasam train --push-to-hub` uploads it: the model, its processor, and its adapter alone in adapter/.
     pasam.save_pretrained(root / "pasam")
     PASamProcessor.from_model_config(config).save_pretrained(root / "pasam")
+    save_adapter(pasam, root / "pasam" / "adapter")
     add_to_hub_cache(cache, PASAM_ID, root / "pasam")
 
     sam_config = tiny_sam_config()
@@ -171,6 +173,17 @@ def test_adapter_by_repo_id(hub) -> None:
     assert_same_weights(load_adapter(other, ADAPTER_ID), hub["trained"])
 
 
+def test_adapter_of_a_trained_model_by_repo_id(hub) -> None:
+    """The adapter `pasam train` saves in `adapter/` next to the model composes with SAM from the model's repo id
+    (or its output directory)."""
+    pasam, sam = hub["pasam"].state_dict(), hub["sam"].state_dict()
+    for adapter in (PASAM_ID, str(hub["root"] / "pasam")):
+        composed = PASamModel.from_sam_pretrained(SAM_ID, adapter=adapter).state_dict()
+        trained = set(trainable_parameter_names(hub["pasam"]))
+        assert all(torch.equal(composed[name], pasam[name]) for name in trained)
+        assert all(torch.equal(composed[name], sam[name]) for name in sam if name not in trained)
+
+
 def test_load_model_and_processor_by_repo_id(hub) -> None:
     """The loader of the CLIs and the demo, on a PA-SAM and on a SAM repo id."""
     model, processor = load_model_and_processor(PASAM_ID)
@@ -189,6 +202,9 @@ def test_load_model_and_processor_by_repo_id(hub) -> None:
 def test_repo_id_missing_from_the_cache_is_one_clear_error(hub) -> None:
     with pytest.raises(ModelLoadError, match="not in the local cache"):
         load_model_and_processor("pasam-org/not-downloaded")
+    for missing in ("pasam-org/not-downloaded", SAM_ID):  # a repo not cached, a repo without an adapter
+        with pytest.raises(AdapterError, match=f"could not get adapter '{missing}' from the Hugging Face Hub"):
+            PASamModel.from_sam_pretrained(SAM_ID, adapter=missing)
 
 
 def test_cli_by_repo_id(hub, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
@@ -30,6 +31,9 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_FORMAT = "pasam-adapter"
 ADAPTER_FORMAT_VERSION = 1
+# Where `pasam train` saves the adapter next to the full model (and so where its --push-to-hub uploads it): an
+# adapter given as such a directory or repo, without adapter files at its top, is read from there.
+ADAPTER_SUBFOLDER = "adapter"
 
 # The parameters PA-SAM trains (spec section 5). Everything else (image encoder, prompt encoder, the decoder's
 # two-way transformer, IoU token and IoU head) stays SAM's, frozen.
@@ -134,6 +138,8 @@ def _resolve(
     `cache_dir`, by default the Hugging Face cache; from there only with `local_files_only` or `HF_HUB_OFFLINE=1`)."""
     location = Path(adapter).expanduser()
     if location.is_dir():
+        if not (location / ADAPTER_CONFIG_NAME).is_file() and (location / ADAPTER_SUBFOLDER).is_dir():
+            location = location / ADAPTER_SUBFOLDER
         files = location / ADAPTER_CONFIG_NAME, location / ADAPTER_WEIGHTS_NAME
         absent = [path.name for path in files if not path.is_file()]
         if absent:
@@ -144,12 +150,19 @@ def _resolve(
         return files
     if location.exists() or str(adapter).startswith((".", "/", "~")) or str(adapter).count("/") != 1:
         raise AdapterError(f"adapter {adapter} is neither a local directory nor a Hub repo id (owner/name).")
+    def download(name: str, subfolder: str | None = None) -> Path:
+        return Path(hf_hub_download(str(adapter), name, subfolder=subfolder, revision=revision, token=token,
+                                    cache_dir=cache_dir, local_files_only=local_files_only))
+
     try:
-        return tuple(
-            Path(hf_hub_download(str(adapter), name, revision=revision, token=token, cache_dir=cache_dir,
-                                 local_files_only=local_files_only))
-            for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
-        )
+        try:
+            subfolder, config_file = None, download(ADAPTER_CONFIG_NAME)
+        except EntryNotFoundError as error:  # not in the repo (or, offline, not in the cache)
+            try:
+                subfolder, config_file = ADAPTER_SUBFOLDER, download(ADAPTER_CONFIG_NAME, ADAPTER_SUBFOLDER)
+            except EntryNotFoundError:
+                raise error from None
+        return config_file, download(ADAPTER_WEIGHTS_NAME, subfolder)
     except Exception as error:  # huggingface_hub raises many types (offline, 404, gated); all mean "not fetched"
         raise AdapterError(
             f"could not get adapter {adapter!r} from the Hugging Face Hub ({type(error).__name__}: "
