@@ -59,7 +59,7 @@ def hub(tmp_path_factory) -> dict:
     model.safetensors, SamImageProcessor's preprocessor_config.json) and a PA-SAM adapter, with this process
     pointed at it, offline. Yields the models the repos were made from."""
     root = tmp_path_factory.mktemp("hub")
-    cache = root / "cache"
+    cache = root / "hf-home" / "hub"  # where huggingface_hub puts it for HF_HOME=<root>/hf-home
     config = tiny_config()
     torch.manual_seed(0)
     pasam = PASamModel(config).eval()
@@ -96,7 +96,6 @@ def hub(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_CACHE", str(cache))
         patch.setattr(constants, "HF_HUB_OFFLINE", True)
-        patch.setenv("HF_HUB_CACHE", str(cache))  # for subprocesses
         patch.setenv("HF_HUB_OFFLINE", "1")
         yield {"cache": cache, "root": root, "pasam": pasam, "sam": sam, "trained": trained}
 
@@ -209,7 +208,7 @@ def test_repo_id_missing_from_the_cache_is_one_clear_error(hub) -> None:
 
 def test_cli_by_repo_id(hub, tmp_path: Path) -> None:
     """`pasam segment --model org/name` and `pasam train --model org/name`, each a fresh process that finds the
-    cache through HF_HUB_CACHE."""
+    cache through HF_HOME (the other test with a subprocess uses HF_HUB_CACHE)."""
     PIL.Image.fromarray(synthetic_image()).save(tmp_path / "a.png")
     for folder in ("images", "masks"):
         (tmp_path / "data" / folder).mkdir(parents=True)
@@ -219,7 +218,8 @@ def test_cli_by_repo_id(hub, tmp_path: Path) -> None:
         PIL.Image.fromarray(np.where(image[..., 0] > 200, 255, 0).astype(np.uint8)).save(
             tmp_path / "data" / "masks" / f"{index}.png"
         )
-    env = dict(os.environ, HF_HUB_CACHE=str(hub["cache"]), HF_HUB_OFFLINE="1")
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_CACHE", "HF_HOME")}
+    env.update(HF_HOME=str(hub["cache"].parent), HF_HUB_OFFLINE="1")
     commands = {
         "segment": ["segment", "a.png", "--box", *map(str, BOX), "--model", PASAM_ID, "--device", "cpu",
                     "--out", "out"],
