@@ -86,9 +86,10 @@ def hub(tmp_path_factory) -> dict:
 
     # An adapter trained on that SAM: SAM's weights, with the PA-SAM trained parts changed.
     trained = PASamModel.from_sam_pretrained(str(root / "sam"), adapter_init="random").eval()
+    trainable = set(trainable_parameter_names(trained))
     with torch.no_grad():
         for name, parameter in trained.named_parameters():
-            if name in set(trainable_parameter_names(trained)):
+            if name in trainable:
                 parameter.add_(0.01 * torch.randn_like(parameter))
     save_adapter(trained, root / "adapter", base_model=SAM_ID)
     add_to_hub_cache(cache, ADAPTER_ID, root / "adapter")
@@ -176,9 +177,9 @@ def test_adapter_of_a_trained_model_by_repo_id(hub) -> None:
     """The adapter `pasam train` saves in `adapter/` next to the model composes with SAM from the model's repo id
     (or its output directory)."""
     pasam, sam = hub["pasam"].state_dict(), hub["sam"].state_dict()
+    trained = set(trainable_parameter_names(hub["pasam"]))
     for adapter in (PASAM_ID, str(hub["root"] / "pasam")):
         composed = PASamModel.from_sam_pretrained(SAM_ID, adapter=adapter).state_dict()
-        trained = set(trainable_parameter_names(hub["pasam"]))
         assert all(torch.equal(composed[name], pasam[name]) for name in trained)
         assert all(torch.equal(composed[name], sam[name]) for name in sam if name not in trained)
 
