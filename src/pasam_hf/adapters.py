@@ -150,6 +150,7 @@ def _resolve(
         return files
     if location.exists() or str(adapter).startswith((".", "/", "~")) or str(adapter).count("/") != 1:
         raise AdapterError(f"adapter {adapter} is neither a local directory nor a Hub repo id (owner/name).")
+
     def download(name: str, subfolder: str | None = None) -> Path:
         return Path(hf_hub_download(str(adapter), name, subfolder=subfolder, revision=revision, token=token,
                                     cache_dir=cache_dir, local_files_only=local_files_only))

@@ -1200,8 +1200,10 @@ class PASamModel(SamModel):
             adapter_config (`dict`, *optional*): adapter settings for [`PASamMaskDecoderConfig`], e.g.
                 `{"edge_mode": "rgb"}`.
             adapter (`str`, *optional*): an adapter-only artifact (directory or Hub id written by
-                `pasam_hf.adapters.save_adapter`) to load on top of the SAM weights; its adapter settings are used
-                (an `adapter_config` entry that contradicts them raises) and `adapter_init` is ignored.
+                `pasam_hf.adapters.save_adapter`, or the output of `pasam train`, whose `adapter/` holds one) to
+                load on top of the SAM weights, fetched with this call's `token`, `cache_dir` and
+                `local_files_only`; its adapter settings are used (an `adapter_config` entry that contradicts them
+                raises) and `adapter_init` is ignored.
             **kwargs (*optional*): passed to `from_pretrained` (`revision`, `dtype`, `device_map`, `token`, ...).
         """
         if adapter_init not in ("zero", "random"):
