@@ -422,8 +422,9 @@ def _reference_gumbel_top_k(scores: torch.Tensor, noise: torch.Tensor, k: int) -
 
 
 def test_adapter_training_gradients_match_spec_rederivation(model: PASamModel) -> None:
-    """Training mode (Gumbel top-k, straight-through weights on the whole mined token: content and position with
-    its label embedding): the gradients of every adapter tensor equal those of the spec written out by hand."""
+    """Training mode (Gumbel top-k, straight-through weights on the cell's content and positional encoding, the label
+    embedding added after, unweighted: reference 4.6 as corrected): the gradients of every adapter tensor equal
+    those of the spec written out by hand."""
     adapter = model.mask_decoder.prompt_adapter.train()
     config = model.config.mask_decoder_config
     g = torch.Generator().manual_seed(5)
@@ -467,7 +468,7 @@ def test_adapter_training_gradients_match_spec_rederivation(model: PASamModel) -
     cells, weights = torch.cat([pos, neg]), torch.cat([w_pos, w_neg])[:, None]
     labels = torch.cat([point_embed[1].expand(k, -1), point_embed[0].expand(k, -1)])
     content = (kk + gk)[cells] * weights
-    position = (kpe[cells] + labels) * weights
+    position = kpe[cells] * weights + labels
     ref_a, ref_pe = torch.cat([a, content]), torch.cat([qpe, position])
     theirs = torch.autograd.grad((ref_a * probe_a[0, 0]).sum() + (ref_pe * probe_pe[0, 0]).sum(), parameters)
 

@@ -7,8 +7,8 @@ Layout of a cache directory:
 - `cache.json`: format version, the encoder fingerprint, input sizes, and one entry per view (`name`, `view`,
   `shard`, `key`);
 - `shard_00000.safetensors`, ...: per view `<key>.image_embeddings` `(C, h, w)` (float16 by default),
-  `<key>.adapter_pixel_values` `(4, A, A)` and `<key>.labels` `(K, S, S)` uint8 (1 foreground, 0 background,
-  255 ignored).
+  `<key>.adapter_pixel_values` `(4, A, A)` and `<key>.labels` `(K, S, S)`: the dataset's soft labels (values in
+  [0, 1], 255 ignored) as float16, or its hard uint8 labels (1 foreground, 0 background, 255 ignored).
 
 Prompts are not cached: they are drawn from the labels at training time, as without the cache.
 """
@@ -121,7 +121,10 @@ def build_embedding_cache(
                 shard_index = len(entries) // shard_size
                 shard[f"{key}.image_embeddings"] = embedding.contiguous()
                 shard[f"{key}.adapter_pixel_values"] = item["adapter_pixel_values"].to(dtype).contiguous()
-                shard[f"{key}.labels"] = item["labels"].to(torch.uint8).contiguous()
+                labels = item["labels"]
+                # Soft labels (the default, bilinear) in float16 like the embeddings: half the disk of float32.
+                labels = labels if labels.dtype == torch.uint8 else labels.to(torch.float16)
+                shard[f"{key}.labels"] = labels.contiguous()
                 entries.append({"name": item["name"], "view": view, "shard": shard_index, "key": key})
                 if len(entries) % shard_size == 0:
                     flush()
@@ -150,7 +153,7 @@ def build_embedding_cache(
 
 class EmbeddingCacheDataset(Dataset):
     """Items of a cache written by [`build_embedding_cache`]: dicts with `image_embeddings` `(C, h, w)`,
-    `adapter_pixel_values` `(4, A, A)` (float32), `labels` `(K, S, S)` uint8 and `name`, as
+    `adapter_pixel_values` `(4, A, A)` (float32), `labels` `(K, S, S)` (float16 soft or uint8 hard) and `name`, as
     [`PASamDataCollator`] takes them."""
 
     def __init__(self, cache_dir: str | os.PathLike, model: PASamModel | None = None):
