@@ -31,7 +31,8 @@ def _boxes(batch_size: int = 2, num_boxes: int = 3) -> torch.Tensor:
 
 
 def _sam_from(model: PASamModel) -> SamModel:
-    """A SamModel holding exactly the SAM weights of `model`."""
+    """A SamModel holding exactly the SAM weights of `model`, built from the model's own config: with the same
+    two-way layer-norm eps (1e-5, the release's; transformers' SAM default is 1e-6), so only the adapter differs."""
     sam = SamModel(model.config).eval()
     adapter_keys = set(model.adapter_state_dict_keys())
     sam.load_state_dict({k: v for k, v in model.state_dict().items() if k not in adapter_keys}, strict=True)
