@@ -610,3 +610,23 @@ def test_clean_variants_are_named_options() -> None:
     ]))
     assert (clean.label_interpolation, clean.mask_prompt_values) == ("nearest", (-20.0, 20.0))
     assert isinstance(clean, TrainingArguments)
+
+
+def test_embedding_cache_keeps_soft_labels_and_refuses_the_other_kind(tmp_path) -> None:
+    """The cache stores the dataset's soft labels (float16) and records their kind; a run asking for hard labels
+    from a soft-label cache is refused with the fix, instead of silently training on the other kind."""
+    from pasam_hf.training.cache import EmbeddingCacheDataset, EmbeddingCacheError, build_embedding_cache
+
+    height, width = 150, 210
+    record = SegmentationRecord("disc", Image.fromarray(synthetic_image(height, width)), _disc(height, width)[None])
+    model = PASamModel(PASamConfig.small(image_size=128)).eval()
+    processor = PASamProcessor.from_model_config(model.config)
+    cache = build_embedding_cache(
+        model, processor, [record], tmp_path / "cache", views_per_image=1, augment=False, progress=False
+    )
+    labels = EmbeddingCacheDataset(cache, model=model, label_interpolation="bilinear")[0]["labels"]
+    expected = PASamTrainingDataset([record], processor, augment=False)[0]["labels"]
+    assert labels.dtype == torch.float16 and ((labels > 0) & (labels < 1)).any()
+    torch.testing.assert_close(labels.float(), expected, atol=1e-3, rtol=0)
+    with pytest.raises(EmbeddingCacheError, match="--label-interpolation nearest"):
+        EmbeddingCacheDataset(cache, model=model, label_interpolation="nearest")

@@ -98,7 +98,7 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
     if args.embedding_cache is not None:
         from .cache import EmbeddingCacheDataset
 
-        return EmbeddingCacheDataset(args.embedding_cache, model=model)
+        return EmbeddingCacheDataset(args.embedding_cache, model=model, label_interpolation=args.label_interpolation)
     if records is None:
         records = load_records_from_flags(args, args.data, split=args.split, streaming=args.streaming)
     options = dict(augment=args.augment, seed=args.seed, label_interpolation=args.label_interpolation)
