@@ -177,7 +177,8 @@ def test_config_from_shapes_and_plain_sam_gets_zero_adapter(tmp_path, trained, r
     # conversion gives): transformers' SAM default (1e-6) would differ from the converted model by the eps alone.
     sam = SamModel(SamConfig(**{name: getattr(sam_config, name).to_dict() for name in (
         "vision_config", "prompt_encoder_config", "mask_decoder_config")})).eval()
-    assert sam.mask_decoder.transformer.layers[0].layer_norm1.eps == converted.config.mask_decoder_config.layer_norm_eps
+    eps = converted.config.mask_decoder_config.layer_norm_eps
+    assert sam.mask_decoder.transformer.layers[0].layer_norm1.eps == eps == 1e-5
     sam.load_state_dict({k: v for k, v in trained.state_dict().items() if not is_adapter(k)}, strict=True)
     converted.set_point_mining(False)
     converted.config.mask_decoder_config.point_mining_in_training = False

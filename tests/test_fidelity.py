@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from conftest import synthetic_image
 from PIL import Image
+from torch import nn
 from transformers import SamConfig, SamModel
 
 from pasam_hf import PASamConfig, PASamModel, PASamProcessor
@@ -447,7 +447,8 @@ def test_squash_truncates_like_the_release_and_the_edge_map_follows() -> None:
     normalisation. `evaluate_model(squash=True)` feeds the model exactly those bytes and their edge map."""
     rng = np.random.default_rng(0)
     # A smooth photo-like field over the whole 0..255 range: its normalised channels cross many integers.
-    image = cv2.resize(rng.integers(0, 256, size=(12, 16, 3)).astype(np.uint8), (211, 157), interpolation=cv2.INTER_CUBIC)
+    coarse_field = rng.integers(0, 256, size=(12, 16, 3)).astype(np.uint8)
+    image = cv2.resize(coarse_field, (211, 157), interpolation=cv2.INTER_CUBIC)
     mask = np.zeros((157, 211), np.uint8)
     mask[40:120, 50:170] = 255
     size = IMAGE_SIZE
@@ -474,7 +475,8 @@ def test_squash_truncates_like_the_release_and_the_edge_map_follows() -> None:
     adapter_size = size // 4
     edges = seen["adapter_pixel_values"][0, 3].numpy()
     np.testing.assert_array_equal(edges, _official_edges(expected, adapter_size))
-    from_rounded = _official_edges((torch.from_numpy(rounded).permute(2, 0, 1)[None].float() - mean) / std, adapter_size)
+    rounded_pixels = (torch.from_numpy(rounded).permute(2, 0, 1)[None].float() - mean) / std
+    from_rounded = _official_edges(rounded_pixels, adapter_size)
     assert (from_rounded != edges).sum() > 0  # rounding would have moved edge pixels
 
 
@@ -537,7 +539,8 @@ def test_training_batch_has_release_prompts_soft_labels_and_their_loss() -> None
     # The terms against BCE + Dice written out, on logits of a trained model's size (random init's are ~0, where
     # BCE is log 2 whatever the target).
     g = torch.Generator().manual_seed(1)
-    final, coarse, refined = (torch.randn(shape, generator=g) * 6 for shape in [(1, 1, 1, 32, 32)] + [(1, 1, 1, 8, 8)] * 2)
+    final = torch.randn(1, 1, 1, 32, 32, generator=g) * 6
+    coarse, refined = (torch.randn(1, 1, 1, 8, 8, generator=g) * 6 for _ in range(2))
     uncertainty = torch.rand(1, 1, 1, 8, 8, generator=g)
     components = pasam_loss_components(final, coarse, refined, uncertainty, labels)
 
@@ -599,8 +602,9 @@ def test_clean_variants_are_named_options() -> None:
     with pytest.raises(ValueError, match="label_interpolation"):
         PASamTrainingDataset([record], processor, label_interpolation="bicubic")
 
-    from pasam_hf.training.arguments import TrainingArguments, add_training_arguments, arguments_from_namespace
     import argparse
+
+    from pasam_hf.training.arguments import TrainingArguments, add_training_arguments, arguments_from_namespace
 
     parser = add_training_arguments(argparse.ArgumentParser())
     defaults = arguments_from_namespace(parser.parse_args(["--output-dir", "out", "--data", "d"]))

@@ -163,4 +163,11 @@ class LargeScaleJitter:
         )
 
 
-__all__ = ["IMAGE_PAD_VALUE", "LABEL_INTERPOLATIONS", "MASK_PAD_VALUE", "LargeScaleJitter", "resize_longest", "resize_longest_and_pad"]
+__all__ = [
+    "IMAGE_PAD_VALUE",
+    "LABEL_INTERPOLATIONS",
+    "MASK_PAD_VALUE",
+    "LargeScaleJitter",
+    "resize_longest",
+    "resize_longest_and_pad",
+]
