@@ -195,7 +195,8 @@ def evaluate_model(
         squash (`bool`, *optional*, defaults to `False`): HQ-SAM's protocol (reference section 7): each image is
             resized to the model's square input (1024 x 1024) ignoring its aspect ratio, as the release does
             ([`squash_image`]: bilinear on floats, truncated to uint8), boxes scaled with it, and the low-resolution
-            (256 x 256) logits are upsampled bilinearly straight to the ground truth's size (never resized).
+            (256 x 256) logits are upsampled bilinearly straight to the ground truth's size (the ground truth itself
+            is never resized).
             `False` keeps the aspect ratio (resize the longest side, pad) and brings the logits back with
             `processor.post_process_masks`, as for any other prediction.
         batch_size (`int`, *optional*, defaults to 4): images per forward pass.
