@@ -125,13 +125,20 @@ def test_from_sam_pretrained_loads_sam_with_only_adapter_keys_missing(tmp_path: 
         if name in sam_state:
             assert torch.equal(tensor, sam_state[name]), name
     assert set(model.state_dict()) - set(sam_state) == set(model.adapter_state_dict_keys())
+    # The SAM config says transformers' layer-norm eps (1e-6); PA-SAM runs SAM's weights with the 1e-5 of the code
+    # they were trained with (reference section 10). Compare with a SamModel built with that same eps.
+    assert model.config.mask_decoder_config.layer_norm_eps == 1e-5
+    same_eps = sam_config.to_dict()
+    same_eps["mask_decoder_config"]["layer_norm_eps"] = model.config.mask_decoder_config.layer_norm_eps
+    sam_same_eps = SamModel(SamConfig(**same_eps)).eval()
+    sam_same_eps.load_state_dict(sam.state_dict())
     processor = PASamProcessor.from_model_config(model.config)
     inputs = _inputs(processor, image)
     with torch.no_grad():
         ours = model(**{k: inputs[k] for k in ("pixel_values", "input_boxes", "adapter_pixel_values")},
                      mine_points=False).pred_masks
-        theirs = sam(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"],
-                     multimask_output=False).pred_masks
+        theirs = sam_same_eps(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"],
+                              multimask_output=False).pred_masks
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 

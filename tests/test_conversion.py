@@ -173,8 +173,12 @@ def test_config_from_shapes_and_plain_sam_gets_zero_adapter(tmp_path, trained, r
             k: v for k, v in theirs.items() if k not in IGNORED_CONFIG_KEYS
         }, sub_config
 
+    # Built from the PA-SAM config's sub-configs, so with its two-way layer-norm eps (1e-5, the release's, which the
+    # conversion gives): transformers' SAM default (1e-6) would differ from the converted model by the eps alone.
     sam = SamModel(SamConfig(**{name: getattr(sam_config, name).to_dict() for name in (
         "vision_config", "prompt_encoder_config", "mask_decoder_config")})).eval()
+    eps = converted.config.mask_decoder_config.layer_norm_eps
+    assert sam.mask_decoder.transformer.layers[0].layer_norm1.eps == eps == 1e-5
     sam.load_state_dict({k: v for k, v in trained.state_dict().items() if not is_adapter(k)}, strict=True)
     converted.set_point_mining(False)
     converted.config.mask_decoder_config.point_mining_in_training = False
@@ -399,3 +403,21 @@ def test_cli_converts(tmp_path, trained, release):
     assert result.returncode == 0, result.stderr
     assert "converted to out" in result.stdout and "mask_decoder_ori" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_release_checkpoints_convert_with_the_release_layer_norm_eps(tmp_path, trained, release):
+    """The release's two-way norms are nn.LayerNorm (eps 1e-5, reference section 10): a converted .pth gets that eps
+    whether its config is built from shapes or given (a config.json saying transformers' 1e-6 is corrected, with a
+    note); an explicit adapter setting still wins."""
+    source = save(tmp_path, "sam_pa_epoch_20.pth", release)
+    heads = trained.config.mask_decoder_config.num_attention_heads
+    convert_checkpoint(source, tmp_path / "shapes", decoder_attention_heads=heads)
+    assert PASamConfig.from_pretrained(tmp_path / "shapes").mask_decoder_config.layer_norm_eps == 1e-5
+    old_config = PASamConfig.from_dict(trained.config.to_dict())
+    old_config.mask_decoder_config.layer_norm_eps = 1e-6  # as configs were written before the fix
+    report = convert_checkpoint(source, tmp_path / "given", config=old_config)
+    assert PASamConfig.from_pretrained(tmp_path / "given").mask_decoder_config.layer_norm_eps == 1e-5
+    assert old_config.mask_decoder_config.layer_norm_eps == 1e-6  # the caller's config is not changed
+    assert "layer-norm eps 1e-06 replaced by the release's 1e-05" in report.summary()
+    convert_checkpoint(source, tmp_path / "explicit", config=old_config, adapter_config={"layer_norm_eps": 1e-6})
+    assert PASamConfig.from_pretrained(tmp_path / "explicit").mask_decoder_config.layer_norm_eps == 1e-6

@@ -367,7 +367,8 @@ def test_large_scale_jitter_geometry_and_padding() -> None:
     for seed in range(200):
         out_image, out_masks = jitter(image, mask, np.random.default_rng(seed))
         assert out_image.shape == (SIZE, SIZE, 3) and out_masks.shape == (1, SIZE, SIZE)
-        assert out_image.dtype == np.uint8 and out_masks.dtype == np.uint8
+        # Masks are resized bilinearly by default, as the release: float32 soft labels (reference section 6).
+        assert out_image.dtype == np.uint8 and out_masks.dtype == np.float32
         # Content is the top-left rectangle; padding is 128 (image, all channels) and 0 (masks).
         content = ~(out_image == 128).all(axis=-1)
         rows, cols = np.flatnonzero(content.any(1)), np.flatnonzero(content.any(0))
@@ -389,11 +390,11 @@ def test_jitter_keeps_image_and_mask_aligned() -> None:
     checked = 0
     for seed in range(40):
         out_image, out_masks = jitter(image, mask, np.random.default_rng(seed))
-        foreground = out_masks[0] == 1
+        foreground = out_masks[0] > 0.5
         red = out_image[..., 0] > 128
         content = ~(out_image == 128).all(-1)
         if foreground.sum() > 200:
-            # Bilinear image vs nearest mask differ only along the edges; a shift or a lone flip would not match.
+            # Image and soft mask, both bilinear, differ only along the edges; a shift or a flip would not match.
             iou = (red & foreground & content).sum() / ((red & content) | foreground).sum()
             assert iou > 0.85, (seed, iou)
             checked += 1
@@ -504,19 +505,20 @@ def test_noisy_masks_follow_the_incoherent_band_recipe() -> None:
     simulator = PromptSimulator(seed=0)
     prompts = simulator(labels, kind="masks")["input_masks"]
     assert prompts.shape == (1, 2, 256, 256) and prompts.dtype == torch.float32
-    assert set(prompts.unique().tolist()) <= {0.0, 1.0}
+    # The release feeds SAM's mask encoder 0 / 255 (reference section 6).
+    assert set(prompts.unique().tolist()) == {0.0, 255.0}
     target = F.interpolate(disc[None, None].float(), size=(256, 256), mode="bilinear", align_corners=False)[0, 0]
     small = F.interpolate(target[None, None], size=32, mode="bilinear")
     blurred = F.interpolate(small, size=256, mode="bilinear")[0, 0]
     band = (target - blurred).abs() >= 0.01
     noisy = prompts[0, 0]
     # Outside the band the prompt is the thresholded ground truth; the band hugs the boundary.
-    assert torch.equal(noisy[~band], (target[~band] > 0.5).float())
+    assert torch.equal(noisy[~band], (target[~band] > 0.5).float() * 255)
     distance_to_boundary = ((yy[::4, ::4] - 500) ** 2 + (xx[::4, ::4] - 520) ** 2).float().sqrt().sub(300).abs() / 4
     assert distance_to_boundary[band].max() < 16
     # Unit Gaussian noise: pixels of the band at 0 or 1 flip with probability P(N(0,1) > 0.5) = 0.3085.
     hard = band & ((target == 0) | (target == 1))
-    flipped = (noisy[hard] != target[hard]).float().mean().item()
+    flipped = (noisy[hard] / 255 != target[hard]).float().mean().item()
     assert 0.27 < flipped < 0.35, flipped
     assert not torch.equal(prompts[0, 0], prompts[0, 1])  # independent noise per instance
 

@@ -31,7 +31,8 @@ def _boxes(batch_size: int = 2, num_boxes: int = 3) -> torch.Tensor:
 
 
 def _sam_from(model: PASamModel) -> SamModel:
-    """A SamModel holding exactly the SAM weights of `model`."""
+    """A SamModel holding exactly the SAM weights of `model`, built from the model's own config: with the same
+    two-way layer-norm eps (1e-5, the release's; transformers' SAM default is 1e-6), so only the adapter differs."""
     sam = SamModel(model.config).eval()
     adapter_keys = set(model.adapter_state_dict_keys())
     sam.load_state_dict({k: v for k, v in model.state_dict().items() if k not in adapter_keys}, strict=True)
@@ -422,8 +423,9 @@ def _reference_gumbel_top_k(scores: torch.Tensor, noise: torch.Tensor, k: int) -
 
 
 def test_adapter_training_gradients_match_spec_rederivation(model: PASamModel) -> None:
-    """Training mode (Gumbel top-k, straight-through weights on the whole mined token: content and position with
-    its label embedding): the gradients of every adapter tensor equal those of the spec written out by hand."""
+    """Training mode (Gumbel top-k, straight-through weights on the cell's content and positional encoding, the label
+    embedding added after, unweighted: reference 4.6 as corrected): the gradients of every adapter tensor equal
+    those of the spec written out by hand."""
     adapter = model.mask_decoder.prompt_adapter.train()
     config = model.config.mask_decoder_config
     g = torch.Generator().manual_seed(5)
@@ -467,7 +469,7 @@ def test_adapter_training_gradients_match_spec_rederivation(model: PASamModel) -
     cells, weights = torch.cat([pos, neg]), torch.cat([w_pos, w_neg])[:, None]
     labels = torch.cat([point_embed[1].expand(k, -1), point_embed[0].expand(k, -1)])
     content = (kk + gk)[cells] * weights
-    position = (kpe[cells] + labels) * weights
+    position = kpe[cells] * weights + labels
     ref_a, ref_pe = torch.cat([a, content]), torch.cat([qpe, position])
     theirs = torch.autograd.grad((ref_a * probe_a[0, 0]).sum() + (ref_pe * probe_pe[0, 0]).sum(), parameters)
 

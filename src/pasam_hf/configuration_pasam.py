@@ -13,6 +13,8 @@ from transformers.models.sam.configuration_sam import (
 
 CONSISTENCY_MODULES = ("guided_gate", "cross_attention")
 EDGE_MODES = ("official", "rgb")
+# Epsilon of the two-way blocks' layer norms in the release and in the original SAM code (`nn.LayerNorm`'s default).
+RELEASE_LAYER_NORM_EPS = 1e-5
 
 # Written into every saved config so `trust_remote_code=True` works where pasam_hf is not installed:
 # save_pretrained copies these modules next to the weights.
@@ -47,6 +49,12 @@ class PASamMaskDecoderConfig(SamMaskDecoderConfig):
         the trainer flips this switch. Point mining always runs in eval mode.
     gumbel_tau (`float`, *optional*, defaults to 1.0):
         Temperature of the Gumbel top-k relaxation used in training.
+    layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+        Epsilon of the two-way transformer's block layer norms (`layer_norm1..4`; the only layers that read it).
+        The release (and the original SAM code whose weights every SAM checkpoint holds) builds them as plain
+        `nn.LayerNorm`, eps 1e-5; transformers' `SamMaskDecoderConfig` defaults to 1e-6, which moves trained-scale
+        logits by ~1e-3 and flips pixels at mask borders. The LayerNorm2d layers (guiding branch, upscaling) keep
+        1e-6, `layer_norm_final_attn` is `nn.LayerNorm`'s 1e-5 in both code bases.
     """
 
     model_type = "pa_sam_mask_decoder"
@@ -59,6 +67,7 @@ class PASamMaskDecoderConfig(SamMaskDecoderConfig):
     canny_high_threshold: float = 100.0
     point_mining_in_training: bool = True
     gumbel_tau: float = 1.0
+    layer_norm_eps: float = RELEASE_LAYER_NORM_EPS
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -167,10 +176,16 @@ class PASamConfig(SamConfig):
 
     @classmethod
     def from_sam_config(cls, sam_config: SamConfig, **adapter_kwargs) -> "PASamConfig":
-        """Build a PA-SAM config with the same trunk as `sam_config`; `adapter_kwargs` go to the decoder config."""
+        """Build a PA-SAM config with the same trunk as `sam_config`; `adapter_kwargs` go to the decoder config.
+
+        A plain SAM config's `mask_decoder_config.layer_norm_eps` (transformers' 1e-6) is replaced by the 1e-5 of
+        the code SAM's weights were trained with (see [`PASamMaskDecoderConfig`]); pass `layer_norm_eps=...` to
+        keep another value. A PA-SAM config (`model_type` `"pa_sam"`) keeps its own."""
         decoder = sam_config.mask_decoder_config.to_dict()
         for key in ("model_type", "transformers_version", "architectures"):
             decoder.pop(key, None)
+        if sam_config.model_type != PASamConfig.model_type:
+            decoder["layer_norm_eps"] = RELEASE_LAYER_NORM_EPS
         decoder.update(adapter_kwargs)
         return cls(
             vision_config=sam_config.vision_config.to_dict(),

@@ -16,6 +16,7 @@ offending keys. `.pth` files are read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import SamModel
 from transformers.models.sam.configuration_sam import SamConfig, SamVisionConfig
 
-from .configuration_pasam import PASamConfig
+from .configuration_pasam import RELEASE_LAYER_NORM_EPS, PASamConfig
 from .loading import ModelLoadError, load_pth_state_dict
 from .modeling_pasam import PASamMaskDecoder, PASamModel
 from .processing_pasam import PASamProcessor
@@ -429,6 +430,21 @@ def _resolve_config(
     return config, variant
 
 
+def _with_release_layer_norm_eps(config: PASamConfig, notes: list[str]) -> PASamConfig:
+    """`config` with the two-way blocks' layer-norm eps of the release's code (reference section 10): a `.pth`
+    checkpoint was trained with it whatever a given config.json says. A copy when it changes, with a note."""
+    decoder_config = config.mask_decoder_config
+    if decoder_config.layer_norm_eps == RELEASE_LAYER_NORM_EPS:
+        return config
+    notes.append(
+        f"the config's two-way layer-norm eps {decoder_config.layer_norm_eps} replaced by the release's "
+        f"{RELEASE_LAYER_NORM_EPS} (the .pth weights come from nn.LayerNorm's default)"
+    )
+    config = copy.deepcopy(config)
+    config.mask_decoder_config.layer_norm_eps = RELEASE_LAYER_NORM_EPS
+    return config
+
+
 def _fresh_adapter(config: PASamConfig) -> dict[str, torch.Tensor]:
     """Randomly initialised adapter tensors (reproducibly: seed 0), under their PASamModel names."""
     with torch.random.fork_rng(devices=[]):
@@ -595,6 +611,8 @@ def convert_checkpoint(
             f"config built from the tensors' shapes (decoder heads: {decoder_attention_heads}; pass --config for "
             "other values)"
         )
+    if trunk.config is None and "layer_norm_eps" not in (adapter_config or {}):
+        pasam_config = _with_release_layer_norm_eps(pasam_config, notes)
     has_adapter = any(key.startswith("mask_decoder.guiding_conv.") for key in state_dict)
     model = build_model(pasam_config, state_dict, init_adapter=not has_adapter)
     if dtype is not None:

@@ -60,8 +60,10 @@ def box_prompts(foreground: torch.Tensor) -> torch.Tensor:
 def squash_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an RGB image to `size = (height, width)` ignoring its aspect ratio (HQ-SAM's evaluation input).
 
-    Bilinear, `align_corners=False`, no antialiasing (torch's `interpolate`, as HQ-SAM resizes), rounded back to
-    uint8 for the processor.
+    As the release computes it (reference section 7): the image as floats, bilinear `F.interpolate`
+    (`align_corners=False`, no antialiasing), then cast to uint8 by truncation (numpy's `astype`; the values are in
+    [0, 255], so truncation is the floor). Rounding instead would change about half of the bytes by 1, and with them
+    the official edge map and the masks.
 
     Args:
         image (`np.ndarray` of shape `(H, W, 3)`, uint8).
@@ -71,7 +73,8 @@ def squash_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-    return resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    # A convex combination of bytes stays in [0, 255]; the clamp only guards against float rounding at the ends.
+    return resized[0].permute(1, 2, 0).trunc().clamp(0, 255).to(torch.uint8).numpy()
 
 
 @dataclass
@@ -190,8 +193,10 @@ def evaluate_model(
         records (iterable of [`SegmentationRecord`]): images with `(K, H, W)` instances (1 foreground, 0
             background, 255 void), e.g. from [`pasam_hf.data.load_records`].
         squash (`bool`, *optional*, defaults to `False`): HQ-SAM's protocol (reference section 7): each image is
-            resized to the model's square input (1024 x 1024) ignoring its aspect ratio, boxes scaled with it, and
-            the low-resolution (256 x 256) logits are upsampled bilinearly straight to the ground truth's size.
+            resized to the model's square input (1024 x 1024) ignoring its aspect ratio, as the release does
+            ([`squash_image`]: bilinear on floats, truncated to uint8), boxes scaled with it, and the low-resolution
+            (256 x 256) logits are upsampled bilinearly straight to the ground truth's size (the ground truth itself
+            is never resized).
             `False` keeps the aspect ratio (resize the longest side, pad) and brings the logits back with
             `processor.post_process_masks`, as for any other prediction.
         batch_size (`int`, *optional*, defaults to 4): images per forward pass.

@@ -6,7 +6,10 @@
 - BCE between the uncertainty map and a boundary band target (inner boundary of the foreground plus inner
   boundary of the background, band width round(0.005 x diagonal) >= 1).
 
-Label pixels other than 0 and 1 (e.g. a void value 255) are ignored everywhere.
+Labels are targets where they lie in [0, 1]: hard 0 / 1, or soft fractions, which BCE and Dice use as they are,
+as the release does with its bilinearly resized labels (`label / 255`, reference section 6). Any other value (the
+void value 255) is ignored everywhere. The uncertainty map's boundary band is drawn around the pixels above
+`FOREGROUND_THRESHOLD` (128 / 255, HQSeg-44K's `> 128`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .boundary import mask_to_boundary
+from .labels import foreground_pixels, labelled_pixels
 
 UNCERTAINTY_BAND_RATIO = 0.005
 
@@ -25,13 +29,15 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool = F
 
 
 def sigmoid_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per-mask BCE-with-logits averaged over the pixels where `weights` is 1. Shapes `(N, H, W)` -> `(N,)`."""
+    """Per-mask BCE-with-logits (soft `targets` in [0, 1] allowed) averaged over the pixels where `weights` is 1.
+    Shapes `(N, H, W)` -> `(N,)`."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return (loss * weights).sum((-2, -1)) / weights.sum((-2, -1)).clamp_min(1e-8)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Per-mask soft Dice loss `1 - (2|P.T| + 1) / (|P| + |T| + 1)` over the pixels where `weights` is 1."""
+    """Per-mask soft Dice loss `1 - (2|P.T| + 1) / (|P| + |T| + 1)` over the pixels where `weights` is 1 (`T` may be
+    soft)."""
     probs = logits.sigmoid() * weights
     targets = targets * weights
     numerator = 2 * (probs * targets).sum((-2, -1))
@@ -62,7 +68,8 @@ def pasam_loss_components(
         pred_masks (`torch.Tensor` of shape `(B, P, 1, 256, 256)`): final mask logits (single-mask output).
         coarse_masks, refined_masks (`torch.Tensor` of shape `(B, P, 1, 64, 64)`): adapter logits.
         uncertainty_maps (`torch.Tensor` of shape `(B, P, 1, 64, 64)`): uncertainty in [0, 1].
-        labels (`torch.Tensor` of shape `(B, P, H, W)`): 1 foreground, 0 background, anything else ignored.
+        labels (`torch.Tensor` of shape `(B, P, H, W)`): targets in [0, 1] (hard 0 / 1, or soft fractions at
+            object edges), anything else (255) ignored.
 
     Returns:
         `dict` with `mask_bce`, `mask_dice`, `adapter_bce`, `adapter_dice`, `uncertainty_bce` (scalars), each the
@@ -97,8 +104,9 @@ def _loss_components(
         )
     size = tuple(labels.shape[-2:])
     labels = labels.reshape(-1, *size)
-    valid = ((labels == 0) | (labels == 1)).float()
-    targets = (labels == 1).float()
+    has_target = labelled_pixels(labels)
+    valid = has_target.float()
+    targets = torch.where(has_target, labels.float(), 0.0)
 
     final = _upsample(pred_masks.reshape(-1, *pred_masks.shape[-2:]), size)
     coarse = _upsample(coarse_masks.reshape(-1, *coarse_masks.shape[-2:]), size)
@@ -108,7 +116,7 @@ def _loss_components(
     use_refined = selected_refined * valid
     use_coarse = (1 - selected_refined) * valid
 
-    band = uncertainty_target(labels == 1)
+    band = uncertainty_target(foreground_pixels(labels))
     uncertainty_up = _upsample(uncertainty, size, align_corners=True).clamp(0.0, 1.0)
     uncertainty_bce = F.binary_cross_entropy(uncertainty_up, band, reduction="none")
     uncertainty_bce = (uncertainty_bce * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1e-8)

@@ -530,12 +530,13 @@ class PASamPromptAdapter(nn.Module):
             labels = torch.cat(
                 [mined_indices.new_ones(k), mined_indices.new_zeros(k)]
             ).expand(batch_size, point_batch_size, 2 * k)
-            position = position + point_label_embeddings[labels].to(position.dtype)
             if weights is not None:
-                # The whole token (position with its label embedding, and content) carries the straight-through
-                # weight, as in the release: its gradient reaches the scores through both parts.
+                # As in the release (reference 4.6): the straight-through weight multiplies the cell's positional
+                # encoding and its content; the label embedding is added after, unweighted. Forward values are
+                # the same either way; the gradient reaching the scores (the uncertainty branch) is not.
                 content = content * weights
                 position = position * weights
+            position = position + point_label_embeddings[labels].to(position.dtype)
             attn_out = torch.cat([attn_out, content], dim=2)
             query_point_embedding = torch.cat([query_point_embedding, position], dim=2)
             mined_labels = labels
@@ -975,8 +976,10 @@ class PASamModel(SamModel):
         multimask_output (`bool`, *optional*, defaults to `config.multimask_output`, i.e. `False`):
             `False` returns the first mask, the one the adapter refines; `True` returns SAM's three other masks.
         labels (`torch.Tensor` of shape `(batch_size, point_batch_size, height, width)`, *optional*):
-            Binary ground-truth masks (1 foreground, 0 background, other values ignored) at the model input's
-            resolution or any other; when given, `loss` is returned (see [`pasam_hf.losses.pasam_loss`]).
+            Ground-truth masks at the model input's resolution or any other: values in [0, 1] are targets (hard
+            1 foreground / 0 background, or soft fractions at object edges as the release's bilinearly resized
+            labels), any other value (255) is ignored; when given, `loss` is returned (see
+            [`pasam_hf.losses.pasam_loss`]).
         mine_points (`bool`, *optional*):
             Override hard point mining: defaults to always in eval mode and to
             `config.mask_decoder_config.point_mining_in_training` in training mode.

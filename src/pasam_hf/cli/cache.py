@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mask-column", default="mask")
     parser.add_argument("--void-value", type=int, default=255)
     parser.add_argument("--instance-mode", choices=("binary", "split"), default="binary")
+    parser.add_argument(
+        "--label-interpolation", choices=("bilinear", "nearest"), default="bilinear",
+        help="bilinear (release): soft labels; nearest: hard 0/1 labels (train with the same flag)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         dtype=getattr(torch, args.dtype),
+        label_interpolation=args.label_interpolation,
     )
     print(f"embedding cache written to {path}; train with: pasam train --embedding-cache {path} --model {args.model}")
     return 0

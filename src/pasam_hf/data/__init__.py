@@ -20,7 +20,14 @@ from .dataset import (
     input_size,
     is_bad_sample,
 )
-from .masks import MaskDecodeError, decode_mask, detect_mask_format, load_mask_array, resize_mask_nearest
+from .masks import (
+    MaskDecodeError,
+    decode_mask,
+    detect_mask_format,
+    load_mask_array,
+    resize_labels_bilinear,
+    resize_mask_nearest,
+)
 from .prompts import PRESETS, PROMPT_KINDS, PromptSimulator
 from .quality import BadSampleTracker, DataQualityError
 from .records import BACKGROUND, FOREGROUND, IGNORE, SegmentationRecord
@@ -69,6 +76,7 @@ __all__ = [
     "load_record_sequence",
     "load_records",
     "load_records_from_flags",
+    "resize_labels_bilinear",
     "resize_longest_and_pad",
     "resize_mask_nearest",
 ]

@@ -6,8 +6,9 @@ A batch holds:
   `adapter_pixel_values` `(B, 4, A, A)`; any other tensor key every item has is stacked too;
 - exactly one prompt kind, drawn once per batch (see [`PromptSimulator`]): `input_boxes` `(B, P, 4)`, or
   `input_points` `(B, P, N, 2)` + `input_labels` `(B, P, N)`, or `input_masks` `(B, P, M, M)`, in the `S x S` frame;
-- `labels` `(B, P, S, S)` uint8: 1 fg, 0 bg, 255 ignore; padded instance slots are all 255 and get a harmless
-  dummy prompt (from a full-image mask);
+- `labels` `(B, P, S, S)` in the items' dtype: float32 soft labels in [0, 1] (the release's bilinear resize, the
+  default) or uint8 1 fg / 0 bg, 255 ignore in both; padded instance slots are all 255 and get a harmless dummy
+  prompt (from a full-image mask);
 - `names` (`list[str]`), `skipped` (`list[str]`, names of bad samples dropped from this batch) and
   `skipped_details` (`list[dict]` with `name`, `kind`, `reason`).
 
@@ -80,7 +81,7 @@ class PASamDataCollator:
         labels = [self._select(item["labels"]) for item in good]
         num_prompts = max(label.shape[0] for label in labels)
         size = labels[0].shape[-1]
-        padded = torch.full((len(good), num_prompts, size, size), IGNORE, dtype=torch.uint8)
+        padded = torch.full((len(good), num_prompts, size, size), IGNORE, dtype=labels[0].dtype)
         valid = torch.zeros(len(good), num_prompts, dtype=torch.bool)
         for row, label in enumerate(labels):
             if tuple(label.shape[-2:]) != (size, size):

@@ -2,8 +2,10 @@
 
 An item is either a sample
 
-    {"pixel_values": (3, S, S) float, "adapter_pixel_values": (4, A, A) float, "labels": (K, S, S) uint8 with
-     values 1 fg / 0 bg / 255 ignore, "name": str}
+    {"pixel_values": (3, S, S) float, "adapter_pixel_values": (4, A, A) float, "labels": (K, S, S), "name": str}
+
+with float32 soft labels by default (the release's bilinear label resize: values in [0, 1], fractional at object
+edges, 255 ignore) or uint8 hard labels 1 fg / 0 bg / 255 ignore with `label_interpolation="nearest"`,
 
 or, for a sample that cannot be used (unreadable file, mask without foreground...), a bad-sample marker
 
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .augmentation import LargeScaleJitter, resize_longest
-from .records import FOREGROUND, SegmentationRecord
+from .records import SegmentationRecord, foreground_pixels
 from .sources import BadSampleError, RecordSequence, as_record_sequence
 
 BAD_SAMPLE_KEY = "bad_sample"
@@ -63,7 +65,7 @@ class SamplePreparer:
     Args:
         processor: a [`PASamProcessor`] or its image processor.
         augment (`bool`): large-scale jitter + flip when `True`, the evaluation geometry when `False`.
-        scale_range, flip_probability: see [`LargeScaleJitter`].
+        scale_range, flip_probability, label_interpolation: see [`LargeScaleJitter`].
     """
 
     def __init__(
@@ -72,16 +74,23 @@ class SamplePreparer:
         augment: bool = True,
         scale_range: tuple[float, float] = (0.1, 2.0),
         flip_probability: float = 0.5,
+        label_interpolation: str = "bilinear",
     ):
         self.image_processor = getattr(processor, "image_processor", processor)
         self.size = input_size(self.image_processor)
         self.augment = augment
-        self.jitter = LargeScaleJitter(self.size, scale_range=scale_range, flip_probability=flip_probability)
+        self.jitter = LargeScaleJitter(
+            self.size,
+            scale_range=scale_range,
+            flip_probability=flip_probability,
+            label_interpolation=label_interpolation,
+        )
 
     def geometry(
         self, record: SegmentationRecord, generator: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`(image (h, w, 3) uint8, instances (K', S, S) uint8)` keeping only instances with foreground left.
+        """`(image (h, w, 3) uint8, instances (K', S, S))` keeping only instances with foreground left (labels above
+        `FOREGROUND_THRESHOLD`; float32 soft or uint8 hard labels, see [`LargeScaleJitter`]).
 
         Augmented images are `S x S` (large-scale jitter pads them with 128, as the release). Without augmentation
         (or when every jittered crop lost every instance) the image keeps SAM's inference geometry: longest side
@@ -91,14 +100,16 @@ class SamplePreparer:
         if self.augment:
             for _ in range(MAX_CROP_ATTEMPTS):
                 out_image, out_masks = self.jitter(image, record.instances, generator)
-                keep = (out_masks == FOREGROUND).any(axis=(1, 2))
+                keep = foreground_pixels(out_masks).any(axis=(1, 2))
                 if keep.any():
                     return out_image, out_masks[keep]
-        out_image, out_masks = resize_longest(image, record.instances, self.size)
+        out_image, out_masks = resize_longest(image, record.instances, self.size, self.jitter.label_interpolation)
         height, width = out_masks.shape[1:]
-        padded = np.full((out_masks.shape[0], self.size, self.size), self.jitter.mask_pad_value, dtype=np.uint8)
+        padded = np.full(
+            (out_masks.shape[0], self.size, self.size), self.jitter.mask_pad_value, dtype=out_masks.dtype
+        )
         padded[:, :height, :width] = out_masks
-        return out_image, padded[(padded == FOREGROUND).any(axis=(1, 2))]
+        return out_image, padded[foreground_pixels(padded).any(axis=(1, 2))]
 
     def __call__(self, record: SegmentationRecord, generator: np.random.Generator) -> dict[str, Any]:
         if record.num_instances == 0:
@@ -149,6 +160,9 @@ class PASamTrainingDataset(_EpochMixin, Dataset):
         seed (`int`, defaults to 0): augmentation seed (see the module docstring).
         scale_range (`tuple[float, float]`, defaults to `(0.1, 2.0)`): see [`LargeScaleJitter`].
         flip_probability (`float`, defaults to 0.5): see [`LargeScaleJitter`].
+        label_interpolation (`str`, defaults to `"bilinear"`): `"bilinear"` resizes masks as the release (float32
+            soft labels, fractional at object edges, used as soft targets by the loss); `"nearest"` keeps hard
+            uint8 0 / 1 / 255 labels (the cleaner choice for new training, see docs/architecture.md).
     """
 
     def __init__(
@@ -160,9 +174,10 @@ class PASamTrainingDataset(_EpochMixin, Dataset):
         seed: int = 0,
         scale_range: tuple[float, float] = (0.1, 2.0),
         flip_probability: float = 0.5,
+        label_interpolation: str = "bilinear",
     ):
         self.records = as_record_sequence(records)
-        self.prepare = SamplePreparer(processor, augment, scale_range, flip_probability)
+        self.prepare = SamplePreparer(processor, augment, scale_range, flip_probability, label_interpolation)
         self.seed = seed
         self.epoch = 0
 
@@ -193,9 +208,10 @@ class PASamIterableTrainingDataset(_EpochMixin, IterableDataset):
         seed: int = 0,
         scale_range: tuple[float, float] = (0.1, 2.0),
         flip_probability: float = 0.5,
+        label_interpolation: str = "bilinear",
     ):
         self.records = records
-        self.prepare = SamplePreparer(processor, augment, scale_range, flip_probability)
+        self.prepare = SamplePreparer(processor, augment, scale_range, flip_probability, label_interpolation)
         self.seed = seed
         self.epoch = 0
 

@@ -25,6 +25,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+import torch.nn.functional as F
 
 from .records import FOREGROUND, IGNORE
 
@@ -140,6 +141,30 @@ def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         for start in range(0, channels_last.shape[-1], _CV2_MAX_CHANNELS)
     ]
     return np.concatenate(chunks, axis=-1).transpose(2, 0, 1)
+
+
+def resize_labels_bilinear(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of `(K, H, W)` instance masks (1 / 0 / 255) to soft labels, the release's convention.
+
+    The release resizes its 0..255 masks with `torch.nn.functional.interpolate` (bilinear, `align_corners=False`,
+    no antialias) and trains on `label / 255`, so pixels at object edges are fractional soft targets (reference
+    section 6). Here the foreground indicator is resized the same way; a pixel whose bilinear sample reads any void
+    pixel (255) stays void (255), since its target would be partly unknown.
+
+    Returns:
+        `np.ndarray` of shape `(K, *size)`, float32: values in [0, 1], or 255 where ignored.
+    """
+    height, width = size
+    if masks.shape[0] == 0:
+        return np.zeros((0, height, width), dtype=np.float32)
+    labels = torch.from_numpy(np.ascontiguousarray(masks))
+    foreground = (labels == FOREGROUND).float()
+    void = labels == IGNORE
+    if tuple(masks.shape[1:]) != (height, width):
+        resize = dict(size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+        foreground = F.interpolate(foreground[None], **resize)[0]
+        void = F.interpolate(void[None].float(), **resize)[0] > 0
+    return foreground.masked_fill(void, float(IGNORE)).numpy()
 
 
 def _resize_channels(array: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -270,5 +295,6 @@ __all__ = [
     "detect_mask_format",
     "load_mask_array",
     "open_image_source",
+    "resize_labels_bilinear",
     "resize_mask_nearest",
 ]

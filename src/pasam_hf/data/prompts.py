@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.ops import masks_to_boxes
 
 from ..validation import DEFAULT_POINT_PAD_VALUE
-from .records import BACKGROUND, FOREGROUND
+from .records import BACKGROUND, FOREGROUND, foreground_pixels, labelled_pixels
 
 PROMPT_KINDS = ("boxes", "points", "masks")
 PRESETS: dict[str, dict[str, float]] = {
@@ -26,6 +26,8 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 # Noisy masks: band of pixels where the mask differs from its blurred version by at least this much.
 INCOHERENT_THRESHOLD = 0.01
+# Values of a noisy-mask prompt outside and inside the mask: the release feeds SAM's mask encoder 0 / 255.
+RELEASE_MASK_PROMPT_VALUES = (0.0, 255.0)
 
 
 class PromptSimulator:
@@ -44,6 +46,10 @@ class PromptSimulator:
         mask_prompt_size (`int`, *optional*): side `M` of mask prompts; defaults to `S // 4` (256 for S = 1024).
         incoherent_factor (`int`, defaults to 8): down-sampling factor defining the noisy-mask band.
         mask_noise_std (`float`, defaults to 1.0): std of the Gaussian noise added inside the band.
+        mask_prompt_values (`tuple[float, float]`, defaults to `(0.0, 255.0)`): the values a noisy-mask prompt takes
+            outside and inside the mask. `(0, 255)` is what the release feeds SAM's mask encoder (reference section
+            6). A model that will be prompted with mask logits (SAM's low-resolution output of an earlier
+            prediction, as `input_masks` documents) is better trained with logit-like values, e.g. `(-20.0, 20.0)`.
         seed (`int`, *optional*): seeds a new generator; or pass `generator`.
         generator (`torch.Generator`, *optional*): the source of all randomness.
     """
@@ -59,6 +65,7 @@ class PromptSimulator:
         mask_prompt_size: int | None = None,
         incoherent_factor: int = 8,
         mask_noise_std: float = 1.0,
+        mask_prompt_values: tuple[float, float] = RELEASE_MASK_PROMPT_VALUES,
         seed: int | None = None,
         generator: torch.Generator | None = None,
     ):
@@ -82,6 +89,12 @@ class PromptSimulator:
         self.mask_prompt_size = mask_prompt_size
         self.incoherent_factor = incoherent_factor
         self.mask_noise_std = mask_noise_std
+        if len(mask_prompt_values) != 2:
+            raise ValueError(
+                f"mask_prompt_values={mask_prompt_values!r} must be two numbers: the prompt's value outside and "
+                "inside the mask, e.g. (0, 255) as released."
+            )
+        self.mask_prompt_values = (float(mask_prompt_values[0]), float(mask_prompt_values[1]))
         self.seed = seed
         if generator is None:
             generator = torch.Generator()
@@ -102,9 +115,10 @@ class PromptSimulator:
 
     @staticmethod
     def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
-        """`(P, H, W)` labels (1 fg) -> `(P, 4)` float `[x0, y0, x1, y1]`: the first and last foreground column and
-        row (inclusive pixel indices). Every mask must have foreground."""
-        return masks_to_boxes(masks == FOREGROUND)
+        """`(P, H, W)` labels -> `(P, 4)` float `[x0, y0, x1, y1]`: the first and last column and row (inclusive
+        pixel indices) with a non-zero label in (0, 1], as the release's `masks_to_boxes` on its resized labels (soft
+        edge pixels included). Every mask must have foreground."""
+        return masks_to_boxes((masks > BACKGROUND) & labelled_pixels(masks))
 
     def noisy_boxes(self, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """Jitter each coordinate by `N(0, (ratio x side)^2)` clipped to `box_noise_max` pixels, where side is the
@@ -138,7 +152,8 @@ class PromptSimulator:
         (label 0, never on ignored pixels).
 
         Args:
-            masks (`torch.Tensor` of shape `(P, H, W)`, uint8): 1 fg, 0 bg, other values ignored.
+            masks (`torch.Tensor` of shape `(P, H, W)`): labels; positives on pixels above `FOREGROUND_THRESHOLD`
+                (the release samples `label > 128` on 0..255), negatives on pixels labelled exactly 0.
 
         Returns:
             `input_points` `(P, N, 2)` float `[x, y]` pixel indices and `input_labels` `(P, N)` int64, with
@@ -146,7 +161,7 @@ class PromptSimulator:
         """
         coords, labels = [], []
         if self.num_points:
-            positive, _ = self._sample_pixels(masks == FOREGROUND, self.num_points)
+            positive, _ = self._sample_pixels(foreground_pixels(masks), self.num_points)
             coords.append(positive)
             labels.append(torch.ones(positive.shape[:2], dtype=torch.int64))
         if self.num_negative_points:
@@ -161,9 +176,9 @@ class PromptSimulator:
     # --------------------------------------------------------------------------------------------------- masks
 
     def mask_targets(self, masks: torch.Tensor, size: int) -> torch.Tensor:
-        """Ground truth at the mask-prompt size: `(P, H, W)` labels -> `(P, size, size)` float in [0, 1]
-        (bilinear, as the release; ignored pixels count as background)."""
-        foreground = (masks == FOREGROUND).float().unsqueeze(1)
+        """Ground truth at the mask-prompt size: `(P, H, W)` labels (hard or soft) -> `(P, size, size)` float in
+        [0, 1] (bilinear, as the release; ignored pixels count as background)."""
+        foreground = torch.where(labelled_pixels(masks), masks.float(), 0.0).unsqueeze(1)
         return F.interpolate(foreground, size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
 
     def incoherent_band(self, targets: torch.Tensor) -> torch.Tensor:
@@ -175,13 +190,15 @@ class PromptSimulator:
         return (targets - recovered).abs() >= INCOHERENT_THRESHOLD
 
     def noisy_masks(self, masks: torch.Tensor, size: int) -> torch.Tensor:
-        """Noisy mask prompts: GT at `size` plus unit Gaussian noise inside the incoherent band, thresholded at 0.5.
+        """Noisy mask prompts: GT at `size` plus unit Gaussian noise inside the incoherent band, thresholded at 0.5,
+        then given `mask_prompt_values` (0 / 255 as released).
 
-        `(P, H, W)` uint8 labels -> `(P, size, size)` float with values 0 / 1."""
+        `(P, H, W)` labels -> `(P, size, size)` float with the two values of `mask_prompt_values`."""
         targets = self.mask_targets(masks, size)
         band = self.incoherent_band(targets)
         noise = torch.randn(targets.shape, generator=self.generator) * self.mask_noise_std
-        return ((targets + noise * band) > 0.5).float()
+        outside, inside = self.mask_prompt_values
+        return torch.where((targets + noise * band) > 0.5, inside, outside)
 
     # ---------------------------------------------------------------------------------------------------- batch
 
@@ -191,7 +208,8 @@ class PromptSimulator:
         """Prompts for a batch.
 
         Args:
-            labels (`torch.Tensor` of shape `(B, P, S, S)`, uint8): 1 fg, 0 bg, 255 ignore.
+            labels (`torch.Tensor` of shape `(B, P, S, S)`): uint8 1 fg / 0 bg / 255 ignore, or float32 soft labels
+                in [0, 1] with 255 ignore.
             valid (`torch.Tensor` of shape `(B, P)`, bool, *optional*): real instances; padded slots (False) get a
                 dummy prompt made from a full-image mask (their labels are all ignored by the loss).
             kind (`str`, *optional*): force a prompt kind instead of drawing one.
@@ -225,4 +243,4 @@ class PromptSimulator:
         return {"input_masks": self.noisy_masks(masks, mask_size).reshape(batch, prompts, mask_size, mask_size)}
 
 
-__all__ = ["PRESETS", "PROMPT_KINDS", "PromptSimulator"]
+__all__ = ["PRESETS", "PROMPT_KINDS", "RELEASE_MASK_PROMPT_VALUES", "PromptSimulator"]

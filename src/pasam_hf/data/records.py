@@ -11,10 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 
-# Label values of `SegmentationRecord.instances` and of training `labels` (the losses ignore everything else).
-BACKGROUND = 0
-FOREGROUND = 1
-IGNORE = 255
+# Label values of `SegmentationRecord.instances` and of training `labels` (the losses ignore everything else),
+# re-exported here as the data pipeline's names.
+from ..labels import (  # noqa: F401
+    BACKGROUND,
+    FOREGROUND,
+    FOREGROUND_THRESHOLD,
+    IGNORE,
+    foreground_pixels,
+    labelled_pixels,
+)
 
 
 @dataclass

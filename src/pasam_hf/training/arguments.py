@@ -49,6 +49,9 @@ class TrainingArguments:
     num_negative_points: int = 0
     max_instances_per_image: int = 4
     augment: bool = True
+    # The release's data conventions (reference section 6); see docs/architecture.md for the clean variants.
+    label_interpolation: str = "bilinear"
+    mask_prompt_values: tuple[float, float] = (0.0, 255.0)
     point_mining_warmup_epochs: int = 5
     # Checkpoints, resume, logging.
     checkpoint_every: int = 500
@@ -87,6 +90,11 @@ class TrainingArguments:
             problems.append(f"--mixed-precision must be no, bf16 or fp16 (got {self.mixed_precision!r})")
         if self.prompt_preset not in ("pa-sam", "hq-sam"):
             problems.append(f"--prompt-preset must be pa-sam or hq-sam (got {self.prompt_preset!r})")
+        if self.label_interpolation not in ("bilinear", "nearest"):
+            problems.append(f"--label-interpolation must be bilinear or nearest (got {self.label_interpolation!r})")
+        self.mask_prompt_values = tuple(float(value) for value in self.mask_prompt_values)
+        if len(self.mask_prompt_values) != 2:
+            problems.append(f"--mask-prompt-values takes two numbers, LOW HIGH (got {self.mask_prompt_values})")
         if self.data is None and self.embedding_cache is None:
             problems.append("no training data: pass --data DIR_OR_DATASET (or --embedding-cache DIR)")
         if self.streaming and self.steps_per_epoch is None and self.max_steps is None:
@@ -125,6 +133,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     data.add_argument("--steps-per-epoch", type=int, help="epoch length for streamed data")
     data.add_argument("--embedding-cache", help="train from image embeddings precomputed by `pasam cache`")
     data.add_argument("--no-augment", dest="augment", action="store_false", help="no flip / large-scale jitter")
+    data.add_argument(
+        "--label-interpolation", choices=("bilinear", "nearest"), default=default("label_interpolation"),
+        help="bilinear (release): masks resized to soft labels, fractional at edges; nearest: hard 0/1 labels",
+    )
     data.add_argument("--num-workers", type=int, default=default("num_workers"), help="DataLoader workers")
 
     optim = parser.add_argument_group("optimisation (release defaults)")
@@ -146,6 +158,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     prompts.add_argument("--num-points", type=int, default=default("num_points"))
     prompts.add_argument("--num-negative-points", type=int, default=default("num_negative_points"))
     prompts.add_argument("--max-instances-per-image", type=int, default=default("max_instances_per_image"))
+    prompts.add_argument(
+        "--mask-prompt-values", type=float, nargs=2, metavar=("LOW", "HIGH"), default=default("mask_prompt_values"),
+        help="values of noisy-mask prompts outside/inside the mask (release: 0 255; e.g. -20 20 for logit-like)",
+    )
     prompts.add_argument(
         "--point-mining-warmup-epochs", type=int, default=default("point_mining_warmup_epochs"),
         help="epochs before hard point mining is switched on (release: 5)",

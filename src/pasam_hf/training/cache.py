@@ -7,8 +7,8 @@ Layout of a cache directory:
 - `cache.json`: format version, the encoder fingerprint, input sizes, and one entry per view (`name`, `view`,
   `shard`, `key`);
 - `shard_00000.safetensors`, ...: per view `<key>.image_embeddings` `(C, h, w)` (float16 by default),
-  `<key>.adapter_pixel_values` `(4, A, A)` and `<key>.labels` `(K, S, S)` uint8 (1 foreground, 0 background,
-  255 ignored).
+  `<key>.adapter_pixel_values` `(4, A, A)` and `<key>.labels` `(K, S, S)`: the dataset's soft labels (values in
+  [0, 1], 255 ignored) as float16, or its hard uint8 labels (1 foreground, 0 background, 255 ignored).
 
 Prompts are not cached: they are drawn from the labels at training time, as without the cache.
 """
@@ -66,12 +66,15 @@ def build_embedding_cache(
     shard_size: int = 64,
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    label_interpolation: str = "bilinear",
 ) -> Path:
     """Encode `views_per_image` augmented views of every record and write them to `output_dir`.
 
     The views are those [`PASamTrainingDataset`] produces for epochs `0 .. views_per_image - 1` with `seed`, so a
     cached run sees the same augmentations a run with the encoder would see in its first epochs. The directory is
     written under a temporary name and renamed when complete, so an interrupted build leaves no half cache.
+    `label_interpolation` is the dataset's (`"bilinear"`: the release's soft labels; `"nearest"`: hard labels); the
+    cache records it, and a run asking for the other kind is refused.
 
     Returns:
         `Path` of the cache directory.
@@ -89,7 +92,9 @@ def build_embedding_cache(
 
     model.eval()
     device = next(model.parameters()).device
-    dataset = PASamTrainingDataset(records, processor, augment=augment, seed=seed)
+    dataset = PASamTrainingDataset(
+        records, processor, augment=augment, seed=seed, label_interpolation=label_interpolation
+    )
     entries: list[dict] = []
     shard: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -121,7 +126,10 @@ def build_embedding_cache(
                 shard_index = len(entries) // shard_size
                 shard[f"{key}.image_embeddings"] = embedding.contiguous()
                 shard[f"{key}.adapter_pixel_values"] = item["adapter_pixel_values"].to(dtype).contiguous()
-                shard[f"{key}.labels"] = item["labels"].to(torch.uint8).contiguous()
+                labels = item["labels"]
+                # Soft labels (the default, bilinear) in float16 like the embeddings: half the disk of float32.
+                labels = labels if labels.dtype == torch.uint8 else labels.to(torch.float16)
+                shard[f"{key}.labels"] = labels.contiguous()
                 entries.append({"name": item["name"], "view": view, "shard": shard_index, "key": key})
                 if len(entries) % shard_size == 0:
                     flush()
@@ -137,6 +145,7 @@ def build_embedding_cache(
         "views_per_image": views_per_image,
         "seed": seed,
         "augment": augment,
+        "label_interpolation": label_interpolation,
         "dtype": str(dtype).removeprefix("torch."),
         "skipped": skipped,
         "entries": entries,
@@ -150,10 +159,15 @@ def build_embedding_cache(
 
 class EmbeddingCacheDataset(Dataset):
     """Items of a cache written by [`build_embedding_cache`]: dicts with `image_embeddings` `(C, h, w)`,
-    `adapter_pixel_values` `(4, A, A)` (float32), `labels` `(K, S, S)` uint8 and `name`, as
-    [`PASamDataCollator`] takes them."""
+    `adapter_pixel_values` `(4, A, A)` (float32), `labels` `(K, S, S)` (float16 soft or uint8 hard) and `name`, as
+    [`PASamDataCollator`] takes them.
 
-    def __init__(self, cache_dir: str | os.PathLike, model: PASamModel | None = None):
+    `label_interpolation`, when given, must be the one the cache was built with (caches of earlier versions hold
+    hard, `"nearest"` labels)."""
+
+    def __init__(
+        self, cache_dir: str | os.PathLike, model: PASamModel | None = None, label_interpolation: str | None = None
+    ):
         self.cache_dir = Path(cache_dir)
         index_path = self.cache_dir / INDEX_FILE
         if not index_path.is_file():
@@ -168,6 +182,14 @@ class EmbeddingCacheDataset(Dataset):
             )
         if model is not None:
             self.check_model(model)
+        self.label_interpolation = self.index.get("label_interpolation", "nearest")
+        if label_interpolation is not None and label_interpolation != self.label_interpolation:
+            raise EmbeddingCacheError(
+                f"the embedding cache {self.cache_dir} holds {self.label_interpolation} labels but "
+                f"--label-interpolation is {label_interpolation}; rebuild it with `pasam cache "
+                f"--label-interpolation {label_interpolation}` or train with --label-interpolation "
+                f"{self.label_interpolation}."
+            )
         self.entries = self.index["entries"]
         self._handles: dict[int, object] = {}
 

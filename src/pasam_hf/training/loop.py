@@ -98,13 +98,14 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
     if args.embedding_cache is not None:
         from .cache import EmbeddingCacheDataset
 
-        return EmbeddingCacheDataset(args.embedding_cache, model=model)
+        return EmbeddingCacheDataset(args.embedding_cache, model=model, label_interpolation=args.label_interpolation)
     if records is None:
         records = load_records_from_flags(args, args.data, split=args.split, streaming=args.streaming)
+    options = dict(augment=args.augment, seed=args.seed, label_interpolation=args.label_interpolation)
     if isinstance(records, Sequence):
-        return PASamTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
+        return PASamTrainingDataset(records, processor, **options)
     # A stream (IterableRecords, a generator): read it as it comes instead of materialising it.
-    return PASamIterableTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
+    return PASamIterableTrainingDataset(records, processor, **options)
 
 
 def _keep_items(items: list) -> list:
@@ -204,6 +205,7 @@ def train(
             preset=args.prompt_preset,
             num_points=args.num_points,
             num_negative_points=args.num_negative_points,
+            mask_prompt_values=args.mask_prompt_values,
             generator=prompt_generator,
         ),
         max_instances_per_image=args.max_instances_per_image,
