@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +114,54 @@ def _keep_items(items: list) -> list:
     return items
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches DataLoader workers too (same process group); the main process decides when to stop, so a
+    # worker must not die of it before the step in progress has finished (see StopRequest).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during training: finish the optimizer step in progress, save a checkpoint, then stop.
+
+    A `KeyboardInterrupt` raised wherever the main thread happens to be (inside the forward, between the optimizer's
+    updates of two tensors, after a batch was counted but before its step) would leave no consistent state to save.
+    The handler only records the request; the loop checks it between optimizer steps, where weights, optimizer,
+    schedule, RNG and the position in the epoch all describe the same completed step, and every process agrees on
+    the stop (one all-reduce per step). A second Ctrl-C stops at once, without saving.
+    """
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopRequest":
+        # Python delivers signals to the main thread only; train() in another thread keeps the default.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.requested = True
+        os.write(2, b"\nstopping after the current step and saving a checkpoint (Ctrl-C again to stop at once, "
+                    b"without saving)\n")
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop; call on every process at the same point."""
+        if self.accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+
 def train(
     args: TrainingArguments,
     model: PASamModel | None = None,
@@ -197,6 +247,7 @@ def train(
         shuffle=not streamed,
         collate_fn=_keep_items,
         num_workers=args.num_workers,
+        worker_init_fn=_ignore_interrupts if args.num_workers else None,
     )
     prompt_generator = torch.Generator()
     collator = PASamDataCollator(
@@ -261,7 +312,10 @@ def train(
     evaluating = eval_records is not None or args.eval_data is not None
     evaluated_step = None
     started = time.perf_counter()
+    stop_request = StopRequest(accelerator)
+    stopped = False
     try:
+        stop_request.__enter__()
         while state.global_step < total_steps and state.epoch < args.num_epochs:
             epoch = state.epoch
             # Hard point mining starts after the warm-up (release: epoch 5).
@@ -275,6 +329,11 @@ def train(
                 epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
             reached_max_steps = False
             for items in epoch_loader:
+                # Between optimizer steps (no gradients accumulated): the state describes the last completed step,
+                # and the batch just fetched is not counted, so a resumed run reads it again.
+                if accelerator.sync_gradients and stop_request.agreed():
+                    stopped = True
+                    break
                 batch_index = state.batches_in_epoch
                 state.batches_in_epoch += 1
                 seed = batch_seed(args.seed, epoch, batch_index, accelerator.process_index)
@@ -336,6 +395,8 @@ def train(
                 if state.global_step >= total_steps:
                     reached_max_steps = True
                     break
+            if stopped:
+                break
             # The last step may also have been the epoch's last batch: that epoch is complete all the same.
             epoch_complete = not reached_max_steps or (
                 not streamed and batches_per_epoch is not None and state.batches_in_epoch >= batches_per_epoch
@@ -350,13 +411,22 @@ def train(
                 _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"epoch {epoch}")
                 evaluated_step = state.global_step
                 unwrapped.train()
+        if stopped:
+            # Ctrl-C: keep what was learnt; an interrupted run resumes from here with --resume, bit for bit.
+            if state.global_step > 0:
+                result.last_checkpoint = str(checkpoints.save(state))
+                accelerator.print(f"interrupted: progress saved to {result.last_checkpoint}; continue with --resume")
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
-        # Keep what was learnt: an interrupted run resumes from here with --resume.
-        if state.global_step > 0:
-            result.last_checkpoint = str(checkpoints.save(state))
-            accelerator.print(f"interrupted: progress saved to {result.last_checkpoint}; continue with --resume")
+        if not stopped:
+            # A second Ctrl-C (or one outside the main thread's handler): the state may be mid-step, not saved.
+            accelerator.print(
+                f"interrupted at once: nothing saved since {checkpoints.latest() or 'the start'}; --resume continues "
+                "from the last checkpoint"
+            )
         raise
     finally:
+        stop_request.__exit__()
         progress.close()
 
     # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Stop and resume as users do it: Ctrl-C (SIGINT) during `pasam train`, then the same command with `--resume`,
+gives the weights of the uninterrupted run bit for bit; `--resume` refuses a checkpoint of another run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training import save_tiny_model, shape_records, subprocess_env, write_folder
+
+STEPS = 12
+BATCHES_PER_EPOCH = 3  # 6 images, batch 2
+
+
+def _command(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pasam_hf", "train", "--model", str(model), "--data", str(data),
+        "--output-dir", str(output_dir), "--batch-size", "2", "--max-steps", str(STEPS), "--checkpoint-every", "100",
+        "--report-to", "none", "--max-instances-per-image", "1", "--point-mining-warmup-epochs", "1", "--seed", "0",
+        *extra,
+    ]
+
+
+class Interrupted:
+    """`pasam train` with its progress bar on stderr; SIGINT `fraction` of a step after the bar showed
+    `after_steps` completed steps (the step time measured from the bar itself), so the signal lands inside the
+    next step rather than between two."""
+
+    def __init__(self, command: list[str], after_steps: int, fraction: float):
+        self.after_steps, self.fraction = after_steps, fraction
+        self.sent = False
+        self.stderr = ""
+        self.stdout = b""
+        self.process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._reader = threading.Thread(target=self._watch, daemon=True)
+        self._reader.start()
+
+    def _watch(self) -> None:
+        fd = self.process.stderr.fileno()
+        shown: dict[int, float] = {}  # completed steps -> when the bar first showed them
+        while chunk := os.read(fd, 4096):
+            now = time.monotonic()
+            self.stderr += chunk.decode(errors="replace")
+            for value in re.findall(rf"\b(\d+)/{STEPS}\b", chunk.decode(errors="replace")):
+                shown.setdefault(int(value), now)
+            if not self.sent and max(shown, default=-1) >= self.after_steps and len(shown) >= 2:
+                first, last = min(shown), max(shown)
+                step_seconds = (shown[last] - shown[first]) / (last - first)
+                time.sleep(self.fraction * step_seconds)
+                self.process.send_signal(signal.SIGINT)
+                self.sent = True
+
+    def wait(self) -> int:
+        self.stdout = self.process.stdout.read()
+        code = self.process.wait(timeout=600)
+        self._reader.join(timeout=60)
+        return code
+
+
+def test_ctrl_c_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    model = save_tiny_model(tmp_path / "model")
+    data = write_folder(tmp_path / "data", shape_records(6))
+    straight = subprocess.Popen(_command(model, data, tmp_path / "straight", "--no-progress"), env=subprocess_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Early in the first epoch, in the middle of the second, past the point-mining switch: wherever the signal lands
+    # in the step (forward, optimizer update, data loading), the saved state must be that of a completed step.
+    moments = {1: 0.5, 4: 0.7, 8: 0.85}  # after k steps, that fraction of a step later
+    runs = {k: Interrupted(_command(model, data, tmp_path / f"stopped_{k}"), k, fraction) for k, fraction in moments.items()}
+    straight_out, straight_err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, straight_err[-3000:]
+    for k, run in runs.items():
+        code = run.wait()
+        assert run.sent, (k, run.stderr[-3000:])
+        assert code == 130, (k, code, run.stderr[-3000:])
+        assert b"interrupted: progress saved to" in run.stdout, (k, run.stdout[-2000:])
+        [checkpoint] = (tmp_path / f"stopped_{k}" / "checkpoints").glob("step_*")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        # The state counts exactly the batches whose optimizer step is in the saved weights.
+        assert k <= state["global_step"] < STEPS, (k, state)
+        assert state["global_step"] == state["epoch"] * BATCHES_PER_EPOCH + state["batches_in_epoch"], state
+
+    resumed = {
+        k: subprocess.Popen(_command(model, data, tmp_path / f"stopped_{k}", "--no-progress", "--resume"),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in moments
+    }
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    for k, process in resumed.items():
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, (k, err[-3000:])
+        assert f"after {STEPS} steps" in out, out
+        actual = load_file(tmp_path / f"stopped_{k}" / "model.safetensors")
+        assert actual.keys() == expected.keys()
+        different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+        assert not different, (k, different[:5])
