@@ -39,6 +39,10 @@ class TrainerState:
     epoch: int = 0
     # Batches of `epoch` already consumed (including skipped ones), so resume skips exactly these.
     batches_in_epoch: int = 0
+    # Streamed data: passes over the stream completed, and batches read in the current one (a streamed epoch of
+    # --steps-per-epoch steps may end inside a pass). For map-style data a pass is an epoch.
+    stream_pass: int = 0
+    batches_in_pass: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite_steps: int = 0
     bad_samples: int = 0

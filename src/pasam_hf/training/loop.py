@@ -13,16 +13,23 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
@@ -179,9 +186,17 @@ def train(
     # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers.
     # ---------------------------------------------------------------------------------------------------------
     report_to = None if args.report_to in ("none", "") else args.report_to
+    # A stream with --steps-per-epoch is read on across epochs and passes: its optimizer steps are always
+    # `gradient_accumulation_steps` batches, also where a pass of the stream ends, so an epoch is exactly
+    # --steps-per-epoch steps. Otherwise an epoch is one pass, and its last step takes the batches left.
+    steps_across_passes = args.steps_per_epoch is not None and args.embedding_cache is None and (
+        args.streaming if train_records is None else not isinstance(train_records, Sequence)
+    )
     try:
         accelerator = Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=args.gradient_accumulation_steps, sync_with_dataloader=not steps_across_passes
+            ),
             mixed_precision=args.mixed_precision,
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -241,6 +256,21 @@ def train(
             "the training data is a stream without a length: pass --steps-per-epoch (for the learning-rate schedule "
             "and point-mining warm-up) or --max-steps."
         )
+    if not streamed and args.steps_per_epoch is not None:
+        source = "the embedding cache" if args.embedding_cache is not None else "the training data"
+        raise ValueError(
+            f"--steps-per-epoch sets the epoch length of streamed data, but {source} is not streamed (an epoch is "
+            f"one pass over its {len(dataset)} samples): drop --steps-per-epoch, or use --max-steps to stop earlier."
+        )
+    if args.streaming and not streamed and args.embedding_cache is None and accelerator.is_main_process:
+        print(
+            f"warning: --streaming has no effect on {args.data or 'these records'}: only a datasets dataset is "
+            f"streamed (a folder is read file by file anyway); an epoch is one pass over its {len(dataset)} samples.",
+            file=sys.stderr,
+        )
+    if eval_records is None and args.eval_data is not None:
+        # Read now, so a wrong path or split stops the run before any training rather than after an epoch.
+        eval_records = load_records_from_flags(args, args.eval_data, split=args.eval_split)
     dataloader = DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -281,6 +311,7 @@ def train(
         optimizer, step_size=max(1, args.lr_decay_epochs * steps_per_epoch), gamma=args.lr_decay_gamma
     )
     accelerator.register_for_checkpointing(scheduler)
+    # --max-steps overrides --num-epochs: the run goes on over as many epochs as it takes.
     total_steps = args.max_steps or steps_per_epoch * args.num_epochs
     unwrapped: PASamModel = accelerator.unwrap_model(model)
 
@@ -296,6 +327,7 @@ def train(
         state = checkpoints.load(path)
         accelerator.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
     result = TrainingResult(global_step=state.global_step, epochs_completed=state.epoch, output_dir=str(output_dir))
+    stream = _StreamReader(accelerator, dataloader, dataset, state) if streamed else None
 
     # ---------------------------------------------------------------------------------------------------------
     # 6. Train.
@@ -316,17 +348,20 @@ def train(
     stopped = False
     try:
         stop_request.__enter__()
-        while state.global_step < total_steps and state.epoch < args.num_epochs:
+        while state.global_step < total_steps and (args.max_steps is not None or state.epoch < args.num_epochs):
             epoch = state.epoch
             # Hard point mining starts after the warm-up (release: epoch 5).
             unwrapped.set_point_mining(epoch >= args.point_mining_warmup_epochs)
-            if hasattr(dataloader, "set_epoch"):
-                dataloader.set_epoch(epoch)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            epoch_loader = dataloader
-            if state.batches_in_epoch:
-                epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            if streamed:
+                epoch_loader = stream.epoch_batches(batches_per_epoch)
+            else:
+                if hasattr(dataloader, "set_epoch"):
+                    dataloader.set_epoch(epoch)
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(epoch)
+                epoch_loader = dataloader
+                if state.batches_in_epoch:
+                    epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
             reached_max_steps = False
             for items in epoch_loader:
                 # Between optimizer steps (no gradients accumulated): the state describes the last completed step,
@@ -336,6 +371,7 @@ def train(
                     break
                 batch_index = state.batches_in_epoch
                 state.batches_in_epoch += 1
+                state.batches_in_pass += 1
                 seed = batch_seed(args.seed, epoch, batch_index, accelerator.process_index)
                 prompt_generator.manual_seed(seed)
                 # The Gumbel noise of point mining comes from torch's global RNG (on the model's device), which a
@@ -399,7 +435,7 @@ def train(
                 break
             # The last step may also have been the epoch's last batch: that epoch is complete all the same.
             epoch_complete = not reached_max_steps or (
-                not streamed and batches_per_epoch is not None and state.batches_in_epoch >= batches_per_epoch
+                batches_per_epoch is not None and state.batches_in_epoch >= batches_per_epoch
             )
             if not epoch_complete:
                 break
@@ -407,6 +443,8 @@ def train(
             _end_of_epoch(accelerator, bad_samples, state, result)
             state.epoch += 1
             state.batches_in_epoch = 0
+            if not streamed:
+                state.batches_in_pass = 0
             if evaluating:
                 _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"epoch {epoch}")
                 evaluated_step = state.global_step
@@ -455,6 +493,50 @@ def train(
             _push_to_hub(output_dir, args)
     accelerator.end_training()
     return result
+
+
+class _StreamReader:
+    """Batches of streamed data for the epochs of a run, read on across epochs.
+
+    With --steps-per-epoch an epoch is that many optimizer steps, whatever the length of the stream: the next epoch
+    goes on where the last one stopped, and a stream that ends is read again from its start (a new pass, with new
+    augmentations: `dataset.set_epoch(pass)`). Without it an epoch is one pass. `state.stream_pass` and
+    `state.batches_in_pass` say where the reading stands, so a resumed run reads on from the same batch.
+    """
+
+    def __init__(self, accelerator: Accelerator, dataloader: DataLoader, dataset: IterableDataset, state: TrainerState):
+        self.accelerator, self.dataloader, self.dataset, self.state = accelerator, dataloader, dataset, state
+        self.batches = None
+
+    def _start_pass(self) -> None:
+        state = self.state
+        if hasattr(self.dataloader, "set_epoch"):
+            self.dataloader.set_epoch(state.stream_pass)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(state.stream_pass)
+        loader = self.dataloader
+        if state.batches_in_pass:
+            loader = self.accelerator.skip_first_batches(self.dataloader, state.batches_in_pass)
+        self.batches = iter(loader)
+
+    def epoch_batches(self, batches_per_epoch: int | None) -> Iterator[list]:
+        """The batches left in the current epoch; the caller counts each one it uses in `state.batches_in_*`."""
+        state = self.state
+        while batches_per_epoch is None or state.batches_in_epoch < batches_per_epoch:
+            if self.batches is None:
+                self._start_pass()
+            try:
+                items = next(self.batches)
+            except StopIteration:
+                self.batches = None
+                if state.batches_in_pass == 0:
+                    raise ValueError("the training stream yielded no sample; check --data and --split.") from None
+                state.stream_pass += 1
+                state.batches_in_pass = 0
+                if batches_per_epoch is None:
+                    return  # an epoch is one pass
+                continue
+            yield items
 
 
 def _training_step(
