@@ -104,3 +104,52 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> N
         assert actual.keys() == expected.keys()
         different = [name for name in expected if not torch.equal(expected[name], actual[name])]
         assert not different, (k, different[:5])
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, capsys) -> None:
+    from pasam_hf import PASamModel
+    from pasam_hf.cli import main
+    from pasam_hf.training import CheckpointError, train
+
+    from conftest import tiny_config
+    from test_training import run_args, tiny_model
+
+    data = write_folder(tmp_path / "data", shape_records(4))
+    other = write_folder(tmp_path / "other", shape_records(6, seed=1))
+    model_dir = save_tiny_model(tmp_path / "model")
+    common = ["--model", str(model_dir), "--output-dir", str(tmp_path / "cli"), "--batch-size", "2", "--report-to",
+              "none", "--no-progress", "--max-instances-per-image", "1"]
+    assert main(["train", *common, "--data", str(data), "--max-steps", "2"]) == 0
+    run = tmp_path / "cli"
+
+    def resume(model=None, **overrides):
+        args = run_args(run, data=str(data), max_steps=3, resume="latest", max_instances_per_image=1)
+        args = run_args(run, **{**vars(args), "output_dir": str(run), **overrides})
+        return train(args, model=model or PASamModel.from_pretrained(model_dir))
+
+    encoder_changed = PASamModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(encoder_changed.vision_encoder.parameters()).view(-1)[0] += 1e-3
+    torch.manual_seed(0)
+    other_config = PASamModel(tiny_config(edge_mode="rgb"))
+    refused = {
+        r"another model \(the image encoder weights differ\)": dict(model=encoder_changed),
+        r"another model configuration \(mask_decoder_config.edge_mode 'official' there, 'rgb' here\)":
+            dict(model=other_config),
+        r"--batch-size 2 there, 1 here": dict(batch_size=1),
+        r"other training data \(4 samples of .*data there, 6 samples of .*other here\)": dict(data=str(other)),
+        r"--learning-rate 0.001 there, 0.01 here": dict(learning_rate=1e-2),
+    }
+    for message, change in refused.items():
+        with pytest.raises(CheckpointError, match=r"step_00000002 was saved by another run: " + message):
+            resume(**change)
+    # The command line says it in one line.
+    assert main(["train", *common, "--data", str(other), "--max-steps", "3", "--resume"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pasam train: error:")]
+    assert len(errors) == 1 and "was saved by another run: other training data" in errors[0], errors
+
+    # Allowed: training further (--max-steps, --num-epochs), other logging, checkpointing and workers, and the same
+    # data moved to another folder.
+    data.rename(tmp_path / "moved")
+    result = resume(data=str(tmp_path / "moved"), num_epochs=30, log_every=1, checkpoint_every=7, keep_checkpoints=3)
+    assert result.global_step == 3

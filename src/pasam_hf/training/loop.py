@@ -9,6 +9,7 @@ Entry points: [`train`] (Python), `pasam train` (CLI) and `accelerate launch exa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -114,6 +115,81 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
         return PASamTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
     # A stream (IterableRecords, a generator): read it as it comes instead of materialising it.
     return PASamIterableTrainingDataset(records, processor, augment=args.augment, seed=args.seed)
+
+
+# Config fields that say where a model came from or that the loop itself switches, not what the model is.
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "auto_map", "dtype",
+    "torch_dtype", "point_mining_in_training",
+})
+
+
+def _run_identity(
+    args: TrainingArguments, model: PASamModel, trainable_names: list[str], dataset, accelerator: Accelerator
+) -> dict[str, Any]:
+    """What a checkpoint must have been saved by to be resumed here (compared by `CheckpointManager.load`): the
+    model (configuration, and a fingerprint of every frozen weight, per module), the training data, and the settings
+    that the saved position, optimizer and schedule depend on."""
+
+    def config_dict(config: dict) -> dict:
+        return {
+            key: config_dict(value) if isinstance(value, dict) else value
+            for key, value in config.items()
+            if key not in _VOLATILE_CONFIG_KEYS
+        }
+
+    trained = set(trainable_names)
+    digests: dict[str, Any] = {}
+    for name, tensor in model.state_dict().items():
+        if name in trained:
+            continue  # restored from the checkpoint
+        digest = digests.setdefault(name.split(".", 1)[0], hashlib.sha256())
+        values = tensor.detach().reshape(-1)
+        # Exact bytes of a strided sample of every tensor: any other checkpoint differs there, on any device.
+        values = values[:: max(1, values.numel() // 4096)]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(values.float().cpu().numpy().tobytes())
+    return {
+        "model_config": config_dict(model.config.to_dict()),
+        "model_weights": {module: digest.hexdigest()[:16] for module, digest in sorted(digests.items())},
+        **_data_identity(args, dataset),
+        "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "seed": args.seed,
+        "steps_per_epoch": args.steps_per_epoch,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "lr_decay_epochs": args.lr_decay_epochs,
+        "lr_decay_gamma": args.lr_decay_gamma,
+    }
+
+
+def _data_identity(args: TrainingArguments, dataset) -> dict[str, str]:
+    """`{"data", "data_description"}`: a fingerprint of the training data, from the sample names (and a `datasets`
+    fingerprint), so a moved folder is the same data, or for a stream, which cannot be listed, its source and split;
+    and how to tell it in a message."""
+    from ..data.sources import RecordSequence
+    from .cache import EmbeddingCacheDataset
+
+    digest = hashlib.sha256()
+    if isinstance(dataset, EmbeddingCacheDataset):
+        names = [entry["name"] for entry in dataset.entries]
+        digest.update(str(dataset.index.get("encoder_fingerprint")).encode())
+        description = f"the embedding cache {args.embedding_cache} ({len(dataset)} images)"
+    elif isinstance(getattr(dataset, "records", None), RecordSequence):
+        records = dataset.records
+        names = [records.sample_name(index) for index in range(len(records))]
+        digest.update(str(getattr(getattr(records, "dataset", None), "_fingerprint", "")).encode())
+        description = f"{len(records)} samples of {args.data}"
+        if not Path(str(args.data)).exists():
+            description += f" (split {args.split})"
+    else:
+        source = Path(str(args.data))
+        names = [str(source.resolve()) if source.exists() else str(args.data), args.split]
+        description = f"the stream {args.data} (split {args.split})"
+    digest.update("\n".join(names).encode())
+    return {"data": digest.hexdigest()[:16], "data_description": description}
 
 
 def _keep_items(items: list) -> list:
@@ -271,6 +347,7 @@ def train(
     if eval_records is None and args.eval_data is not None:
         # Read now, so a wrong path or split stops the run before any training rather than after an epoch.
         eval_records = load_records_from_flags(args, args.eval_data, split=args.eval_split)
+    run_identity = _run_identity(args, model, trainable_names, dataset, accelerator)
     dataloader = DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -318,7 +395,9 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     # 5. Resume: trained weights, optimizer, schedule, RNG and the position in the epoch.
     # ---------------------------------------------------------------------------------------------------------
-    checkpoints = CheckpointManager(accelerator, args.checkpoint_dir, trainable_names, keep=args.keep_checkpoints)
+    checkpoints = CheckpointManager(
+        accelerator, args.checkpoint_dir, trainable_names, keep=args.keep_checkpoints, run=run_identity
+    )
     state = TrainerState()
     if args.resume:
         for leftover in checkpoints.remove_incomplete():
