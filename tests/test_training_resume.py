@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pasam_hf.data import RecordSequence
+
 from test_training import save_tiny_model, shape_records, subprocess_env, write_folder
 
 STEPS = 12
@@ -153,3 +155,49 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, capsys) -> N
     data.rename(tmp_path / "moved")
     result = resume(data=str(tmp_path / "moved"), num_epochs=30, log_every=1, checkpoint_every=7, keep_checkpoints=3)
     assert result.global_step == 3
+
+
+class InterruptingRecords(RecordSequence):
+    """Training records (random access, as a folder's) that press Ctrl-C (SIGINT to this process) while the `at`-th
+    record is being loaded, as a user would at any moment; loading goes on (the signal only asks the loop to stop)."""
+
+    def __init__(self, records, at: int):
+        self.records, self.at, self.loads = list(records), at, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample_name(self, index: int) -> str:
+        return self.records[index].name
+
+    def __getitem__(self, index):
+        self.loads += 1
+        if self.loads == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.records[index]
+
+
+@pytest.mark.parametrize("at", [3, 6], ids=["inside-an-accumulated-step", "at-the-end-of-a-step"])
+def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at: int) -> None:
+    """With 2 batches per optimizer step, Ctrl-C inside a step: the step's second batch is still trained, then the
+    run stops; Ctrl-C between steps: the next step does not start. Either way the resumed run gives the weights of
+    the uninterrupted one."""
+    from test_training import run_args, tiny_model, trained_state
+    from pasam_hf.training import train
+
+    records = shape_records(6)
+    settings = dict(batch_size=1, gradient_accumulation_steps=2, max_steps=6, checkpoint_every=100)
+    straight = tiny_model()
+    train(run_args(tmp_path / "straight", **settings), model=straight, train_records=records)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_args(tmp_path / "stopped", **settings), model=tiny_model(), train_records=InterruptingRecords(records, at))
+    [checkpoint] = (tmp_path / "stopped" / "run" / "checkpoints").glob("step_*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    # Batch size 1, and Accelerate reads one batch ahead: record `at` loads while batch `at - 1` is handed over. At 3
+    # that is the second batch of step 1, which completes; at 6 it is the first of step 3, which is not started.
+    assert state["global_step"] == (at - 1) // 2 and state["batches_in_epoch"] == 2 * state["global_step"], state
+    resumed = tiny_model()
+    result = train(run_args(tmp_path / "stopped", resume="latest", **settings), model=resumed, train_records=records)
+    assert result.global_step == 6
+    expected, actual = trained_state(straight), trained_state(resumed)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
