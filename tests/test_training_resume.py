@@ -71,16 +71,16 @@ class Interrupted:
 
 
 def test_ctrl_c_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    from pasam_hf.cli import main
+
     model = save_tiny_model(tmp_path / "model")
     data = write_folder(tmp_path / "data", shape_records(6))
-    straight = subprocess.Popen(_command(model, data, tmp_path / "straight", "--no-progress"), env=subprocess_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Early in the first epoch, in the middle of the second, past the point-mining switch: wherever the signal lands
     # in the step (forward, optimizer update, data loading), the saved state must be that of a completed step.
     moments = {1: 0.5, 4: 0.7, 8: 0.85}  # after k steps, that fraction of a step later
     runs = {k: Interrupted(_command(model, data, tmp_path / f"stopped_{k}"), k, fraction) for k, fraction in moments.items()}
-    straight_out, straight_err = straight.communicate(timeout=600)
-    assert straight.returncode == 0, straight_err[-3000:]
+    # Meanwhile the same command uninterrupted, and later the resumed ones, run in this process (same thread count).
+    assert main(_command(model, data, tmp_path / "straight", "--no-progress")[3:]) == 0
     for k, run in runs.items():
         code = run.wait()
         assert run.sent, (k, run.stderr[-3000:])
@@ -92,16 +92,9 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> N
         assert k <= state["global_step"] < STEPS, (k, state)
         assert state["global_step"] == state["epoch"] * BATCHES_PER_EPOCH + state["batches_in_epoch"], state
 
-    resumed = {
-        k: subprocess.Popen(_command(model, data, tmp_path / f"stopped_{k}", "--no-progress", "--resume"),
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for k in moments
-    }
     expected = load_file(tmp_path / "straight" / "model.safetensors")
-    for k, process in resumed.items():
-        out, err = process.communicate(timeout=600)
-        assert process.returncode == 0, (k, err[-3000:])
-        assert f"after {STEPS} steps" in out, out
+    for k in moments:
+        assert main(_command(model, data, tmp_path / f"stopped_{k}", "--no-progress", "--resume")[3:]) == 0
         actual = load_file(tmp_path / f"stopped_{k}" / "model.safetensors")
         assert actual.keys() == expected.keys()
         different = [name for name in expected if not torch.equal(expected[name], actual[name])]
