@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_image, tiny_config
 from PIL import Image
 from transformers import SamConfig, SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
@@ -21,8 +22,6 @@ from transformers.models.sam.image_processing_sam import SamImageProcessor
 
 from pasam_hf import PASamImageProcessor, PASamModel, PASamProcessor
 from pasam_hf.image_processing_pasam import PASamImageProcessorPil
-
-from conftest import synthetic_image, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAM_SIZES = dict(
@@ -133,8 +132,7 @@ def test_every_command_takes_a_sam_repo(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert any((tmp_path / "generated").iterdir()) and any((tmp_path / "segmented").iterdir())
     # Training from the cache made with the SAM repo.
-    code, out, err = (lambda p: (p.wait(timeout=600), *p.communicate()))(
-        _pasam("train", "--embedding-cache", "cache", "--model", sam, "--output-dir", "cached", "--max-steps", "1",
-               *train_flags, cwd=tmp_path)
-    )
-    assert code == 0, err[-3000:]
+    cached = _pasam("train", "--embedding-cache", "cache", "--model", sam, "--output-dir", "cached", "--max-steps", "1",
+                    *train_flags, cwd=tmp_path)
+    _, err = cached.communicate(timeout=600)
+    assert cached.returncode == 0, err[-3000:]

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import save_tiny_model, shape_records, subprocess_env, write_folder
 
 from pasam_hf.data import RecordSequence
-
-from test_training import save_tiny_model, shape_records, subprocess_env, write_folder
 
 STEPS = 12
 BATCHES_PER_EPOCH = 3  # 6 images, batch 2
@@ -102,12 +101,12 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> N
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path, capsys) -> None:
+    from conftest import tiny_config
+    from test_training import run_args
+
     from pasam_hf import PASamModel
     from pasam_hf.cli import main
     from pasam_hf.training import CheckpointError, train
-
-    from conftest import tiny_config
-    from test_training import run_args, tiny_model
 
     data = write_folder(tmp_path / "data", shape_records(4))
     other = write_folder(tmp_path / "other", shape_records(6, seed=1))
@@ -154,8 +153,8 @@ class InterruptingRecords(RecordSequence):
     """Training records (random access, as a folder's) that press Ctrl-C (SIGINT to this process) while the `at`-th
     record is being loaded, as a user would at any moment; loading goes on (the signal only asks the loop to stop)."""
 
-    def __init__(self, records, at: int):
-        self.records, self.at, self.loads = list(records), at, 0
+    def __init__(self, records, at: int, times: int = 1):
+        self.records, self.at, self.times, self.loads = list(records), at, times, 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -166,16 +165,21 @@ class InterruptingRecords(RecordSequence):
     def __getitem__(self, index):
         self.loads += 1
         if self.loads == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
         return self.records[index]
 
 
-@pytest.mark.parametrize("at", [3, 6], ids=["inside-an-accumulated-step", "at-the-end-of-a-step"])
-def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at: int) -> None:
+@pytest.mark.parametrize(
+    "at, times", [(3, 1), (6, 1), (3, 2)], ids=["inside-an-accumulated-step", "between-steps", "delivered-twice"]
+)
+def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at: int, times: int) -> None:
     """With 2 batches per optimizer step, Ctrl-C inside a step: the step's second batch is still trained, then the
     run stops; Ctrl-C between steps: the next step does not start. Either way the resumed run gives the weights of
-    the uninterrupted one."""
+    the uninterrupted one. The same Ctrl-C delivered twice at once (`accelerate launch` forwards the terminal's
+    SIGINT to its processes, which got it already) is one Ctrl-C, not a "stop at once"."""
     from test_training import run_args, tiny_model, trained_state
+
     from pasam_hf.training import train
 
     records = shape_records(6)
@@ -183,7 +187,7 @@ def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at:
     straight = tiny_model()
     train(run_args(tmp_path / "straight", **settings), model=straight, train_records=records)
     with pytest.raises(KeyboardInterrupt):
-        train(run_args(tmp_path / "stopped", **settings), model=tiny_model(), train_records=InterruptingRecords(records, at))
+        train(run_args(tmp_path / "stopped", **settings), model=tiny_model(), train_records=InterruptingRecords(records, at, times))
     [checkpoint] = (tmp_path / "stopped" / "run" / "checkpoints").glob("step_*")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     # Batch size 1, and Accelerate reads one batch ahead: record `at` loads while batch `at - 1` is handed over. At 3

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_training import run_args, save_tiny_model, shape_records, tiny_model, trained_state, write_folder
 
 from pasam_hf import PASamProcessor
 from pasam_hf.cli import main
 from pasam_hf.training import EmbeddingCacheDataset, build_embedding_cache, train
-
-from test_training import run_args, save_tiny_model, shape_records, tiny_model, trained_state, write_folder
 
 
 def saved_dataset(directory: Path, count: int) -> Path:

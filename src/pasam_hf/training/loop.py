@@ -199,26 +199,31 @@ def _keep_items(items: list) -> list:
 
 def _ignore_interrupts(worker_id: int) -> None:
     # Ctrl-C reaches DataLoader workers too (same process group); the main process decides when to stop, so a
-    # worker must not die of it before the step in progress has finished (see StopRequest).
+    # worker must not die of it before the step in progress has finished (see _StopRequest).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class StopRequest:
+class _StopRequest:
     """Ctrl-C (SIGINT) during training: finish the optimizer step in progress, save a checkpoint, then stop.
 
     A `KeyboardInterrupt` raised wherever the main thread happens to be (inside the forward, between the optimizer's
     updates of two tensors, after a batch was counted but before its step) would leave no consistent state to save.
     The handler only records the request; the loop checks it between optimizer steps, where weights, optimizer,
     schedule, RNG and the position in the epoch all describe the same completed step, and every process agrees on
-    the stop (one all-reduce per step). A second Ctrl-C stops at once, without saving.
+    the stop (one all-reduce per step). A second Ctrl-C stops at once, without saving; one that comes within
+    `duplicate_seconds` of the first is the same Ctrl-C delivered twice (a launcher such as `accelerate launch`
+    forwards the terminal's SIGINT to processes that received it already) and is ignored.
     """
+
+    duplicate_seconds = 2.0
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.requested = False
+        self._requested_at = 0.0
         self._previous = None
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> _StopRequest:
         # Python delivers signals to the main thread only; train() in another thread keeps the default.
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -231,9 +236,12 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if time.monotonic() - self._requested_at < self.duplicate_seconds:
+                return
             self.__exit__()
             raise KeyboardInterrupt
         self.requested = True
+        self._requested_at = time.monotonic()
         os.write(2, b"\nstopping after the current step and saving a checkpoint (Ctrl-C again to stop at once, "
                     b"without saving)\n")
 
@@ -423,7 +431,7 @@ def train(
     evaluating = eval_records is not None or args.eval_data is not None
     evaluated_step = None
     started = time.perf_counter()
-    stop_request = StopRequest(accelerator)
+    stop_request = _StopRequest(accelerator)
     stopped = False
     try:
         stop_request.__enter__()
