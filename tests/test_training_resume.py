@@ -198,3 +198,48 @@ def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at:
     assert result.global_step == 6
     expected, actual = trained_state(straight), trained_state(resumed)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+@pytest.mark.heavy
+def test_ctrl_c_under_accelerate_launch_resumes_exactly(tmp_path: Path) -> None:
+    """Two DDP processes (CPU, gloo) started by `accelerate launch`; Ctrl-C reaches the whole process group, as from a
+    terminal, and the launcher forwards it once more: both processes finish the step, save one checkpoint and stop;
+    the resumed run equals the uninterrupted one."""
+    import socket
+
+    model = save_tiny_model(tmp_path / "model")
+    data = write_folder(tmp_path / "data", shape_records(6))
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+
+    def launch(output_dir: Path, *extra: str, **popen) -> subprocess.Popen:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+            *_command(model, data, output_dir, "--batch-size", "1", *extra)[1:],
+        ]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+    stopped = launch(tmp_path / "stopped", start_new_session=True)
+    seen = b""
+    while chunk := os.read(stopped.stderr.fileno(), 4096):
+        seen += chunk
+        if max((int(value) for value in re.findall(rb"\b(\d+)/%d\b" % STEPS, seen)), default=0) >= 3:
+            os.killpg(stopped.pid, signal.SIGINT)
+            break
+    out, err = stopped.communicate(timeout=600)
+    assert stopped.returncode == 130, (seen + err).decode(errors="replace")[-3000:]
+    assert out.count(b"interrupted: progress saved to") == 1, out
+    [checkpoint] = (tmp_path / "stopped" / "checkpoints").glob("step_*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == state["epoch"] * 3 + state["batches_in_epoch"], state  # 6 images, 2 x batch 1
+
+    runs = [launch(tmp_path / "stopped", "--no-progress", "--resume"), launch(tmp_path / "straight", "--no-progress")]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err.decode(errors="replace")[-3000:]
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    actual = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
