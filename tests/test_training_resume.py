@@ -20,7 +20,7 @@ from test_training import save_tiny_model, shape_records, subprocess_env, write_
 
 from pasam_hf.data import RecordSequence
 
-STEPS = 12
+STEPS = 16
 BATCHES_PER_EPOCH = 3  # 6 images, batch 2
 
 
