@@ -31,7 +31,6 @@ from transformers.models.sam.configuration_sam import (
 )
 
 from .configuration_pasam import PASamConfig, PASamMaskDecoderConfig
-from .image_processing_pasam import PASamImageProcessor
 from .modeling_pasam import PASamModel
 from .processing_pasam import PASamProcessor
 
@@ -360,9 +359,8 @@ def load_model_and_processor(
         try:
             processor = PASamProcessor.from_pretrained(model_id_or_path, revision=revision)
         except (OSError, ValueError, TypeError):
-            # A SAM checkpoint ships SAM's processor config; PA-SAM's processor adds the edge channel to it.
-            edge_mode = model.config.mask_decoder_config.edge_mode
-            processor = PASamProcessor(image_processor=PASamImageProcessor(edge_mode=edge_mode))
+            # No processor config (PASamProcessor turns SAM's own into PA-SAM's): the one the model's sizes imply.
+            processor = PASamProcessor.from_model_config(model.config)
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise ModelLoadError(
             f"no model {model_id_or_path!r} on the Hugging Face Hub (or it is private/gated: log in with "

@@ -24,6 +24,11 @@ class PASamProcessor(SamProcessor):
     ```
     """
 
+    def __init__(self, image_processor):
+        # A SAM repo ("facebook/sam-vit-base") ships SAM's image processor config: loading PASamProcessor from it
+        # (or passing SAM's image processor) gives PA-SAM's image processor with the same settings.
+        super().__init__(as_pasam_image_processor(image_processor))
+
     def __call__(
         self,
         images: Any = None,
@@ -90,6 +95,36 @@ class PASamProcessor(SamProcessor):
     @property
     def model_input_names(self):
         return list(self.image_processor.model_input_names + ["original_sizes", "reshaped_input_sizes"])
+
+
+def as_pasam_image_processor(image_processor: Any) -> Any:
+    """PA-SAM's image processor with the settings of `image_processor` if that is SAM's own
+    (`SamImageProcessor` / `SamImageProcessorPil`, the same backend kept); anything else unchanged.
+
+    SAM's config says nothing about the adapter input: the edge mode and Canny thresholds take PA-SAM's defaults
+    (those of the released weights and of `PASamModel.from_sam_pretrained`), and the adapter input is a quarter of
+    the padded model input, as in SAM's geometry (1024 -> 256).
+    """
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    from .image_processing_pasam import PASamImageProcessor, PASamImageProcessorPil, _AdapterInputMixin
+
+    if isinstance(image_processor, _AdapterInputMixin) or not isinstance(image_processor, _sam_image_processors()):
+        return image_processor
+    settings = {key: value for key, value in image_processor.to_dict().items() if key != "image_processor_type"}
+    settings["adapter_size"] = image_processor.pad_size["height"] // 4
+    pasam_class = PASamImageProcessorPil if isinstance(image_processor, SamImageProcessorPil) else PASamImageProcessor
+    return pasam_class(**settings)
+
+
+def _sam_image_processors() -> tuple[type, ...]:
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    try:
+        from transformers.models.sam.image_processing_sam import SamImageProcessor
+    except ImportError:  # pragma: no cover - without torchvision
+        return (SamImageProcessorPil,)
+    return (SamImageProcessor, SamImageProcessorPil)
 
 
 __all__ = ["PASamProcessor"]

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="folder (images/ + masks/, im/ + gt/) or datasets id/dir")
     parser.add_argument("--model", required=True, help="the PA-SAM or SAM checkpoint you will fine-tune")
     parser.add_argument("--out", required=True, help="cache directory to create")
-    parser.add_argument("--views", type=int, default=4, help="augmented views per image (default 4)")
+    parser.add_argument("--views", type=int, default=4,
+                        help="augmented views per image (default 4); epoch e of training uses view e mod VIEWS")
     parser.add_argument("--no-augment", dest="augment", action="store_false")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -97,6 +97,25 @@ class TrainingArguments:
             problems.append(f"--mask-prompt-values takes two numbers, LOW HIGH (got {self.mask_prompt_values})")
         if self.data is None and self.embedding_cache is None:
             problems.append("no training data: pass --data DIR_OR_DATASET (or --embedding-cache DIR)")
+        if self.embedding_cache is not None:
+            # What the data gives was fixed when the cache was built: these would be silently ignored.
+            if self.data is not None:
+                problems.append(
+                    "--data and --embedding-cache both give the training data: pass one (the cache holds the views "
+                    "of the data it was built from)"
+                )
+            if not self.augment:
+                problems.append(
+                    "--no-augment has no effect with --embedding-cache (its views were augmented or not when it was "
+                    "built): build the cache with `pasam cache --no-augment`, and drop --no-augment here"
+                )
+            if self.instance_mode != "binary":
+                problems.append(
+                    f"--instance-mode {self.instance_mode} has no effect with --embedding-cache (the masks were read "
+                    "when it was built): build the cache with `pasam cache --instance-mode ...`, and drop it here"
+                )
+            if self.streaming:
+                problems.append("--streaming has no effect with --embedding-cache (a cache is read from disk): drop it")
         if self.streaming and self.steps_per_epoch is None and self.max_steps is None:
             problems.append(
                 "a streamed dataset has no length: pass --steps-per-epoch (for the learning-rate schedule and "
@@ -129,9 +148,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--instance-mode", choices=("binary", "split"), default=default("instance_mode"),
         help="binary: all non-zero mask values are one object; split: each value is an instance",
     )
-    data.add_argument("--streaming", action="store_true", help="stream a datasets dataset larger than memory")
-    data.add_argument("--steps-per-epoch", type=int, help="epoch length for streamed data")
-    data.add_argument("--embedding-cache", help="train from image embeddings precomputed by `pasam cache`")
+    data.add_argument(
+        "--streaming", action="store_true",
+        help="stream a datasets dataset larger than memory (not a folder: it is read file by file anyway)",
+    )
+    data.add_argument(
+        "--steps-per-epoch", type=int,
+        help="streamed data only: an epoch is this many optimizer steps (evaluation, point-mining warm-up and "
+        "learning-rate decay follow it); the stream is read on across epochs and again from its start when it ends",
+    )
+    data.add_argument(
+        "--embedding-cache",
+        help="train from image embeddings precomputed by `pasam cache` instead of --data; an epoch is one pass over "
+        "the images, epoch e using view e mod VIEWS of each",
+    )
     data.add_argument("--no-augment", dest="augment", action="store_false", help="no flip / large-scale jitter")
     data.add_argument(
         "--label-interpolation", choices=("bilinear", "nearest"), default=default("label_interpolation"),
@@ -142,7 +172,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     optim = parser.add_argument_group("optimisation (release defaults)")
     optim.add_argument("--model", help="PA-SAM or SAM checkpoint: Hub id or directory (SAM gets a fresh adapter)")
     optim.add_argument("--num-epochs", type=int, default=default("num_epochs"))
-    optim.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides epochs)")
+    optim.add_argument(
+        "--max-steps", type=int,
+        help="stop after this many optimizer steps, however many epochs that takes (overrides --num-epochs; the "
+        "learning-rate decay and point-mining warm-up still count epochs)",
+    )
     optim.add_argument("--batch-size", type=int, default=default("batch_size"), help="images per process and step")
     optim.add_argument("--gradient-accumulation-steps", type=int, default=default("gradient_accumulation_steps"))
     optim.add_argument("--learning-rate", type=float, default=default("learning_rate"))

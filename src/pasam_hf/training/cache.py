@@ -162,6 +162,11 @@ class EmbeddingCacheDataset(Dataset):
     `adapter_pixel_values` `(4, A, A)` (float32), `labels` `(K, S, S)` (float16 soft or uint8 hard) and `name`, as
     [`PASamDataCollator`] takes them.
 
+    One item per image, as a dataset of the images would have: epoch `e` (`set_epoch(e)`) gives view
+    `e % views_per_image` of each image, so an epoch means the same with and without the cache, and the first
+    `views_per_image` epochs see the augmentations a run with the encoder would see. An image whose view `v` could
+    not be cached (every instance cropped away) gives another of its views instead.
+
     `label_interpolation`, when given, must be the one the cache was built with (caches of earlier versions hold
     hard, `"nearest"` labels)."""
 
@@ -191,6 +196,13 @@ class EmbeddingCacheDataset(Dataset):
                 f"{self.label_interpolation}."
             )
         self.entries = self.index["entries"]
+        # Per image (in the order of the cache), its entries by view.
+        views: dict[str, dict[int, int]] = {}
+        for position, entry in enumerate(self.entries):
+            views.setdefault(entry["name"], {})[int(entry.get("view", 0))] = position
+        self._views = list(views.values())
+        self.views_per_image = int(self.index.get("views_per_image", 1))
+        self.epoch = 0
         self._handles: dict[int, object] = {}
 
     def check_model(self, model: PASamModel) -> None:
@@ -201,11 +213,17 @@ class EmbeddingCacheDataset(Dataset):
                 "trained; rebuild it with `pasam cache --model <the same model>`."
             )
 
+    def set_epoch(self, epoch: int) -> None:
+        """Give view `epoch % views_per_image` of every image (call at the start of every epoch)."""
+        self.epoch = int(epoch)
+
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._views)
 
     def __getitem__(self, index: int) -> dict:
-        entry = self.entries[index]
+        views = self._views[index]
+        view = self.epoch % self.views_per_image
+        entry = self.entries[views[view] if view in views else views[sorted(views)[view % len(views)]]]
         handle = self._handles.get(entry["shard"])
         if handle is None:
             # One memory-mapped handle per shard and worker process.

@@ -39,11 +39,18 @@ class TrainerState:
     epoch: int = 0
     # Batches of `epoch` already consumed (including skipped ones), so resume skips exactly these.
     batches_in_epoch: int = 0
+    # Streamed data: passes over the stream completed, and batches read in the current one (a streamed epoch of
+    # --steps-per-epoch steps may end inside a pass). For map-style data a pass is an epoch.
+    stream_pass: int = 0
+    batches_in_pass: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite_steps: int = 0
     bad_samples: int = 0
     samples_seen: int = 0
     trainable_parameters: list[str] = field(default_factory=list)
+    # What makes the run this run (model, data, the settings the saved position and optimizer depend on): a
+    # checkpoint resumes only the run it was saved by. See `CheckpointManager(run=...)`.
+    run: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         path = directory / STATE_FILE
@@ -85,13 +92,24 @@ class CheckpointManager:
         checkpoint_dir (`Path`): `<output_dir>/checkpoints`.
         trainable_names (`list[str]`): names of the trained parameters (without DDP's `module.` prefix).
         keep (`int`): how many complete checkpoints to keep; older ones are deleted after a new one is published.
+        run (`dict`, *optional*): what identifies the run (JSON values; see `RUN_KEYS`), saved with every checkpoint
+            and compared on resume: a checkpoint of another run raises a [`CheckpointError`] naming what differs.
     """
 
-    def __init__(self, accelerator: Accelerator, checkpoint_dir: Path, trainable_names: list[str], keep: int = 2):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        checkpoint_dir: Path,
+        trainable_names: list[str],
+        keep: int = 2,
+        run: dict | None = None,
+    ):
         self.accelerator = accelerator
         self.checkpoint_dir = Path(checkpoint_dir)
         self.trainable_names = sorted(trainable_names)
         self.keep = keep
+        # As it reads back from trainer_state.json (tuples become lists).
+        self.run = json.loads(json.dumps(run or {}))
         self._filters_weights = accelerator.distributed_type not in (
             DistributedType.FSDP,
             DistributedType.DEEPSPEED,
@@ -122,6 +140,20 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{input_dir} was written for another set of trained parameters (missing {missing[:5]}, unexpected "
                 f"{extra[:5]}); resume with the same model and settings it was trained with."
+            )
+
+    def _check_run(self, saved: dict, path: Path) -> None:
+        if not saved or not self.run:
+            return  # a checkpoint of an earlier version, or a caller that identifies no run
+        differences = [
+            describe(saved, self.run)
+            for key, describe in RUN_KEYS.items()
+            if key in saved and key in self.run and saved[key] != self.run[key]
+        ]
+        if differences:
+            raise CheckpointError(
+                f"{path} was saved by another run: {'; '.join(differences)}. Resume with the model, data and settings "
+                "it was trained with, or start a new run in another --output-dir."
             )
 
     # -- listing ---------------------------------------------------------------------------------------------
@@ -156,6 +188,7 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state.trainable_parameters = self.trainable_names
+            state.run = self.run
             state.save(staging)
             _fsync_tree(staging)
             if final.exists():
@@ -202,9 +235,67 @@ class CheckpointManager:
     def load(self, path: Path) -> TrainerState:
         """Restore model (trained part), optimizer, scheduler, RNG and sampler states; return the trainer state."""
         state = TrainerState.load(path)
+        self._check_run(state.run, path)
         kwargs = {"strict": False} if self._filters_weights else {}
         self.accelerator.load_state(str(path), **kwargs)
         return state
+
+
+def _flag(key: str, name: str):
+    return lambda saved, current: f"{name} {saved[key]} there, {current[key]} here"
+
+
+def _config_difference(saved_run: dict, current_run: dict) -> str:
+    saved, current = saved_run["model_config"], current_run["model_config"]
+
+    def flat(config: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in config.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    saved, current = flat(saved), flat(current)
+    keys = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    shown = ", ".join(f"{key} {saved.get(key)!r} there, {current.get(key)!r} here" for key in keys[:3])
+    return f"another model configuration ({shown}{' and more' if len(keys) > 3 else ''})"
+
+
+MODULE_NAMES = {
+    "vision_encoder": "image encoder",
+    "prompt_encoder": "prompt encoder",
+    "mask_decoder": "mask decoder (its frozen part)",
+    "shared_image_embedding": "positional embedding",
+}
+
+
+def _weights_difference(saved_run: dict, current_run: dict) -> str:
+    saved, current = saved_run["model_weights"], current_run["model_weights"]
+    modules = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    return f"another model (the {', '.join(MODULE_NAMES.get(name, name) for name in modules)} weights differ)"
+
+
+def _data_difference(saved: dict, current: dict) -> str:
+    return f"other training data ({saved.get('data_description')} there, {current.get('data_description')} here)"
+
+
+# Run identity, compared on resume, and how a difference is told (from the saved and the current identity; the data
+# is compared by its fingerprint, `data_description` only tells it). What may change on resume (--max-steps or
+# --num-epochs to train further, checkpointing, logging, evaluation, workers, precision) is not here. The optimizer
+# and schedule settings are: the checkpoint's optimizer and scheduler state would silently override new values.
+RUN_KEYS = {
+    "model_config": _config_difference,
+    "model_weights": _weights_difference,
+    "data": _data_difference,
+    "batch_size": _flag("batch_size", "--batch-size"),
+    "gradient_accumulation_steps": _flag("gradient_accumulation_steps", "--gradient-accumulation-steps"),
+    "num_processes": _flag("num_processes", "processes:"),
+    "seed": _flag("seed", "--seed"),
+    "steps_per_epoch": _flag("steps_per_epoch", "--steps-per-epoch"),
+    "learning_rate": _flag("learning_rate", "--learning-rate"),
+    "weight_decay": _flag("weight_decay", "--weight-decay"),
+    "lr_decay_epochs": _flag("lr_decay_epochs", "--lr-decay-epochs"),
+    "lr_decay_gamma": _flag("lr_decay_gamma", "--lr-decay-gamma"),
+}
 
 
 __all__ = ["CheckpointError", "CheckpointManager", "TrainerState"]

@@ -9,18 +9,28 @@ Entry points: [`train`] (Python), `pasam train` (CLI) and `accelerate launch exa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
@@ -108,9 +118,140 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
     return PASamIterableTrainingDataset(records, processor, **options)
 
 
+# Config fields that say where a model came from or that the loop itself switches, not what the model is.
+_VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "auto_map", "dtype",
+    "torch_dtype", "point_mining_in_training",
+})
+
+
+def _run_identity(
+    args: TrainingArguments, model: PASamModel, trainable_names: list[str], dataset, accelerator: Accelerator
+) -> dict[str, Any]:
+    """What a checkpoint must have been saved by to be resumed here (compared by `CheckpointManager.load`): the
+    model (configuration, and a fingerprint of every frozen weight, per module), the training data, and the settings
+    that the saved position, optimizer and schedule depend on."""
+
+    def config_dict(config: dict) -> dict:
+        return {
+            key: config_dict(value) if isinstance(value, dict) else value
+            for key, value in config.items()
+            if key not in _VOLATILE_CONFIG_KEYS
+        }
+
+    trained = set(trainable_names)
+    digests: dict[str, Any] = {}
+    for name, tensor in model.state_dict().items():
+        if name in trained:
+            continue  # restored from the checkpoint
+        digest = digests.setdefault(name.split(".", 1)[0], hashlib.sha256())
+        values = tensor.detach().reshape(-1)
+        # Exact bytes of a strided sample of every tensor: any other checkpoint differs there, on any device.
+        values = values[:: max(1, values.numel() // 4096)]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(values.float().cpu().numpy().tobytes())
+    return {
+        "model_config": config_dict(model.config.to_dict()),
+        "model_weights": {module: digest.hexdigest()[:16] for module, digest in sorted(digests.items())},
+        **_data_identity(args, dataset),
+        "batch_size": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "seed": args.seed,
+        "steps_per_epoch": args.steps_per_epoch,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "lr_decay_epochs": args.lr_decay_epochs,
+        "lr_decay_gamma": args.lr_decay_gamma,
+    }
+
+
+def _data_identity(args: TrainingArguments, dataset) -> dict[str, str]:
+    """`{"data", "data_description"}`: a fingerprint of the training data, from the sample names (and a `datasets`
+    fingerprint), so a moved folder is the same data, or for a stream, which cannot be listed, its source and split;
+    and how to tell it in a message."""
+    from ..data.sources import RecordSequence
+    from .cache import EmbeddingCacheDataset
+
+    digest = hashlib.sha256()
+    if isinstance(dataset, EmbeddingCacheDataset):
+        names = [entry["name"] for entry in dataset.entries]
+        digest.update(str(dataset.index.get("encoder_fingerprint")).encode())
+        description = f"the embedding cache {args.embedding_cache} ({len(dataset)} images)"
+    elif isinstance(getattr(dataset, "records", None), RecordSequence):
+        records = dataset.records
+        names = [records.sample_name(index) for index in range(len(records))]
+        digest.update(str(getattr(getattr(records, "dataset", None), "_fingerprint", "")).encode())
+        description = f"{len(records)} samples of {args.data}"
+        if not Path(str(args.data)).exists():
+            description += f" (split {args.split})"
+    else:
+        source = Path(str(args.data))
+        names = [str(source.resolve()) if source.exists() else str(args.data), args.split]
+        description = f"the stream {args.data} (split {args.split})"
+    digest.update("\n".join(names).encode())
+    return {"data": digest.hexdigest()[:16], "data_description": description}
+
+
 def _keep_items(items: list) -> list:
     # The DataLoader only batches items; prompts are drawn in the main process (see batch_seed).
     return items
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches DataLoader workers too (same process group); the main process decides when to stop, so a
+    # worker must not die of it before the step in progress has finished (see _StopRequest).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) during training: finish the optimizer step in progress, save a checkpoint, then stop.
+
+    A `KeyboardInterrupt` raised wherever the main thread happens to be (inside the forward, between the optimizer's
+    updates of two tensors, after a batch was counted but before its step) would leave no consistent state to save.
+    The handler only records the request; the loop checks it between optimizer steps, where weights, optimizer,
+    schedule, RNG and the position in the epoch all describe the same completed step, and every process agrees on
+    the stop (one all-reduce per step). A second Ctrl-C stops at once, without saving; one that comes within
+    `duplicate_seconds` of the first is the same Ctrl-C delivered twice (a launcher such as `accelerate launch`
+    forwards the terminal's SIGINT to processes that received it already) and is ignored.
+    """
+
+    duplicate_seconds = 2.0
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.requested = False
+        self._requested_at = 0.0
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        # Python delivers signals to the main thread only; train() in another thread keeps the default.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            if time.monotonic() - self._requested_at < self.duplicate_seconds:
+                return
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.requested = True
+        self._requested_at = time.monotonic()
+        os.write(2, b"\nstopping after the current step and saving a checkpoint (Ctrl-C again to stop at once, "
+                    b"without saving)\n")
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop; call on every process at the same point."""
+        if self.accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
 
 
 def train(
@@ -130,9 +271,17 @@ def train(
     # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers.
     # ---------------------------------------------------------------------------------------------------------
     report_to = None if args.report_to in ("none", "") else args.report_to
+    # A stream with --steps-per-epoch is read on across epochs and passes: its optimizer steps are always
+    # `gradient_accumulation_steps` batches, also where a pass of the stream ends, so an epoch is exactly
+    # --steps-per-epoch steps. Otherwise an epoch is one pass, and its last step takes the batches left.
+    steps_across_passes = args.steps_per_epoch is not None and args.embedding_cache is None and (
+        args.streaming if train_records is None else not isinstance(train_records, Sequence)
+    )
     try:
         accelerator = Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=args.gradient_accumulation_steps, sync_with_dataloader=not steps_across_passes
+            ),
             mixed_precision=args.mixed_precision,
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -192,12 +341,29 @@ def train(
             "the training data is a stream without a length: pass --steps-per-epoch (for the learning-rate schedule "
             "and point-mining warm-up) or --max-steps."
         )
+    if not streamed and args.steps_per_epoch is not None:
+        source = "the embedding cache" if args.embedding_cache is not None else "the training data"
+        raise ValueError(
+            f"--steps-per-epoch sets the epoch length of streamed data, but {source} is not streamed (an epoch is "
+            f"one pass over its {len(dataset)} samples): drop --steps-per-epoch, or use --max-steps to stop earlier."
+        )
+    if args.streaming and not streamed and args.embedding_cache is None and accelerator.is_main_process:
+        print(
+            f"warning: --streaming has no effect on {args.data or 'these records'}: only a datasets dataset is "
+            f"streamed (a folder is read file by file anyway); an epoch is one pass over its {len(dataset)} samples.",
+            file=sys.stderr,
+        )
+    if eval_records is None and args.eval_data is not None:
+        # Read now, so a wrong path or split stops the run before any training rather than after an epoch.
+        eval_records = load_records_from_flags(args, args.eval_data, split=args.eval_split)
+    run_identity = _run_identity(args, model, trainable_names, dataset, accelerator)
     dataloader = DataLoader(
         dataset,
         batch_size=args.batch_size,
         shuffle=not streamed,
         collate_fn=_keep_items,
         num_workers=args.num_workers,
+        worker_init_fn=_ignore_interrupts if args.num_workers else None,
     )
     prompt_generator = torch.Generator()
     collator = PASamDataCollator(
@@ -232,13 +398,16 @@ def train(
         optimizer, step_size=max(1, args.lr_decay_epochs * steps_per_epoch), gamma=args.lr_decay_gamma
     )
     accelerator.register_for_checkpointing(scheduler)
+    # --max-steps overrides --num-epochs: the run goes on over as many epochs as it takes.
     total_steps = args.max_steps or steps_per_epoch * args.num_epochs
     unwrapped: PASamModel = accelerator.unwrap_model(model)
 
     # ---------------------------------------------------------------------------------------------------------
     # 5. Resume: trained weights, optimizer, schedule, RNG and the position in the epoch.
     # ---------------------------------------------------------------------------------------------------------
-    checkpoints = CheckpointManager(accelerator, args.checkpoint_dir, trainable_names, keep=args.keep_checkpoints)
+    checkpoints = CheckpointManager(
+        accelerator, args.checkpoint_dir, trainable_names, keep=args.keep_checkpoints, run=run_identity
+    )
     state = TrainerState()
     if args.resume:
         for leftover in checkpoints.remove_incomplete():
@@ -247,6 +416,7 @@ def train(
         state = checkpoints.load(path)
         accelerator.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
     result = TrainingResult(global_step=state.global_step, epochs_completed=state.epoch, output_dir=str(output_dir))
+    stream = _StreamReader(accelerator, dataloader, dataset, state) if streamed else None
 
     # ---------------------------------------------------------------------------------------------------------
     # 6. Train.
@@ -263,22 +433,34 @@ def train(
     evaluating = eval_records is not None or args.eval_data is not None
     evaluated_step = None
     started = time.perf_counter()
+    stop_request = _StopRequest(accelerator)
+    stopped = False
     try:
-        while state.global_step < total_steps and state.epoch < args.num_epochs:
+        stop_request.__enter__()
+        while state.global_step < total_steps and (args.max_steps is not None or state.epoch < args.num_epochs):
             epoch = state.epoch
             # Hard point mining starts after the warm-up (release: epoch 5).
             unwrapped.set_point_mining(epoch >= args.point_mining_warmup_epochs)
-            if hasattr(dataloader, "set_epoch"):
-                dataloader.set_epoch(epoch)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            epoch_loader = dataloader
-            if state.batches_in_epoch:
-                epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
+            if streamed:
+                epoch_loader = stream.epoch_batches(batches_per_epoch)
+            else:
+                if hasattr(dataloader, "set_epoch"):
+                    dataloader.set_epoch(epoch)
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(epoch)
+                epoch_loader = dataloader
+                if state.batches_in_epoch:
+                    epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch)
             reached_max_steps = False
             for items in epoch_loader:
+                # Between optimizer steps (no gradients accumulated): the state describes the last completed step,
+                # and the batch just fetched is not counted, so a resumed run reads it again.
+                if accelerator.sync_gradients and stop_request.agreed():
+                    stopped = True
+                    break
                 batch_index = state.batches_in_epoch
                 state.batches_in_epoch += 1
+                state.batches_in_pass += 1
                 seed = batch_seed(args.seed, epoch, batch_index, accelerator.process_index)
                 prompt_generator.manual_seed(seed)
                 # The Gumbel noise of point mining comes from torch's global RNG (on the model's device), which a
@@ -338,9 +520,11 @@ def train(
                 if state.global_step >= total_steps:
                     reached_max_steps = True
                     break
+            if stopped:
+                break
             # The last step may also have been the epoch's last batch: that epoch is complete all the same.
             epoch_complete = not reached_max_steps or (
-                not streamed and batches_per_epoch is not None and state.batches_in_epoch >= batches_per_epoch
+                batches_per_epoch is not None and state.batches_in_epoch >= batches_per_epoch
             )
             if not epoch_complete:
                 break
@@ -348,17 +532,28 @@ def train(
             _end_of_epoch(accelerator, bad_samples, state, result)
             state.epoch += 1
             state.batches_in_epoch = 0
+            if not streamed:
+                state.batches_in_pass = 0
             if evaluating:
                 _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"epoch {epoch}")
                 evaluated_step = state.global_step
                 unwrapped.train()
+        if stopped:
+            # Ctrl-C: keep what was learnt; an interrupted run resumes from here with --resume, bit for bit.
+            if state.global_step > 0:
+                result.last_checkpoint = str(checkpoints.save(state))
+                accelerator.print(f"interrupted: progress saved to {result.last_checkpoint}; continue with --resume")
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
-        # Keep what was learnt: an interrupted run resumes from here with --resume.
-        if state.global_step > 0:
-            result.last_checkpoint = str(checkpoints.save(state))
-            accelerator.print(f"interrupted: progress saved to {result.last_checkpoint}; continue with --resume")
+        if not stopped:
+            # A second Ctrl-C (or one outside the main thread's handler): the state may be mid-step, not saved.
+            accelerator.print(
+                f"interrupted at once: nothing saved since {checkpoints.latest() or 'the start'}; --resume continues "
+                "from the last checkpoint"
+            )
         raise
     finally:
+        stop_request.__exit__()
         progress.close()
 
     # ---------------------------------------------------------------------------------------------------------
@@ -387,6 +582,50 @@ def train(
             _push_to_hub(output_dir, args)
     accelerator.end_training()
     return result
+
+
+class _StreamReader:
+    """Batches of streamed data for the epochs of a run, read on across epochs.
+
+    With --steps-per-epoch an epoch is that many optimizer steps, whatever the length of the stream: the next epoch
+    goes on where the last one stopped, and a stream that ends is read again from its start (a new pass, with new
+    augmentations: `dataset.set_epoch(pass)`). Without it an epoch is one pass. `state.stream_pass` and
+    `state.batches_in_pass` say where the reading stands, so a resumed run reads on from the same batch.
+    """
+
+    def __init__(self, accelerator: Accelerator, dataloader: DataLoader, dataset: IterableDataset, state: TrainerState):
+        self.accelerator, self.dataloader, self.dataset, self.state = accelerator, dataloader, dataset, state
+        self.batches = None
+
+    def _start_pass(self) -> None:
+        state = self.state
+        if hasattr(self.dataloader, "set_epoch"):
+            self.dataloader.set_epoch(state.stream_pass)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(state.stream_pass)
+        loader = self.dataloader
+        if state.batches_in_pass:
+            loader = self.accelerator.skip_first_batches(self.dataloader, state.batches_in_pass)
+        self.batches = iter(loader)
+
+    def epoch_batches(self, batches_per_epoch: int | None) -> Iterator[list]:
+        """The batches left in the current epoch; the caller counts each one it uses in `state.batches_in_*`."""
+        state = self.state
+        while batches_per_epoch is None or state.batches_in_epoch < batches_per_epoch:
+            if self.batches is None:
+                self._start_pass()
+            try:
+                items = next(self.batches)
+            except StopIteration:
+                self.batches = None
+                if state.batches_in_pass == 0:
+                    raise ValueError("the training stream yielded no sample; check --data and --split.") from None
+                state.stream_pass += 1
+                state.batches_in_pass = 0
+                if batches_per_epoch is None:
+                    return  # an epoch is one pass
+                continue
+            yield items
 
 
 def _training_step(
