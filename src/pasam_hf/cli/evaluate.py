@@ -90,8 +90,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     if not len(metrics):
+        reasons = "; ".join(f"{sample['image']}: {sample['reason']}" for sample in metrics.skipped_samples[:3])
+        more = f" and {len(metrics.skipped_samples) - 3} more" if len(metrics.skipped_samples) > 3 else ""
         raise CLIError(
-            f"no object to score in --data {args.data}: {metrics.skipped} masks have no foreground. Check "
+            f"no object to score in --data {args.data}: {metrics.skipped} skipped ({reasons}{more}). Check "
             "--mask-column, --void-value and that masks mark objects with non-zero values."
         )
     print(metrics.summary_table())

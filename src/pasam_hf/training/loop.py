@@ -32,6 +32,7 @@ from ..data import (
     PASamIterableTrainingDataset,
     PASamTrainingDataset,
     PromptSimulator,
+    is_bad_sample,
     load_records_from_flags,
 )
 from ..loading import load_model_and_processor
@@ -245,6 +246,8 @@ def train(
         state = checkpoints.load(path)
         accelerator.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
     result = TrainingResult(global_step=state.global_step, epochs_completed=state.epoch, output_dir=str(output_dir))
+    if args.embedding_cache is not None:
+        _report_cached_bad_samples(accelerator, dataset, bad_samples, result)
 
     # ---------------------------------------------------------------------------------------------------------
     # 6. Train.
@@ -284,7 +287,7 @@ def train(
                 # re-seed it per batch so a resumed run draws exactly the noise of an uninterrupted one.
                 torch.manual_seed(seed ^ 0x5DEECE66D)
                 batch = collator(items)
-                bad_samples.add(batch)
+                bad_samples.add(_counted_samples(accelerator, items, args.batch_size))
                 _check_data_quality(accelerator, bad_samples)
                 outcome, loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
                 if outcome != "ok" and accelerator.sync_gradients:
@@ -427,6 +430,46 @@ def _training_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return "ok", loss.detach()
+
+
+def _counted_samples(accelerator: Accelerator, items: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """The names and bad samples of this process's `items` that count for the bad-sample report.
+
+    With several processes Accelerate evens out the epoch's last batches by repeating the epoch's first samples
+    (`even_batches`); those copies are trained on again but are not new samples, so they are not counted (a bad
+    one would be reported twice). In the last batch, the first `remainder` samples in process order are real.
+    """
+    state = accelerator.gradient_state
+    if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+        items = items[: max(0, min(len(items), state.remainder - accelerator.process_index * batch_size))]
+    bad = [item for item in items if is_bad_sample(item)]
+    return {
+        "names": [item["name"] for item in items if not is_bad_sample(item)],
+        "skipped": [item["name"] for item in bad],
+        "skipped_details": [
+            {"name": item["name"], "kind": item.get("bad_kind", "unreadable"), "reason": item["bad_sample"]}
+            for item in bad
+        ],
+    }
+
+
+def _report_cached_bad_samples(
+    accelerator: Accelerator, cache: Any, tracker: BadSampleTracker, result: TrainingResult
+) -> None:
+    """Samples `pasam cache` could not use are not in the embedding cache: report them as a run on the data
+    would, and stop if there are too many under this run's --max-bad-fraction."""
+    samples, total = cache.bad_samples, cache.num_records
+    if not samples:
+        return
+    _record_bad_samples(result, samples)
+    shown = ", ".join(f"{sample['name']} ({sample['reason']})" for sample in samples[:10])
+    more = f" and {len(samples) - 10} more" if len(samples) > 10 else ""
+    accelerator.print(
+        f"the embedding cache {cache.cache_dir} left out {len(samples)} of {total} samples that could not be used: "
+        f"{shown}{more}"
+    )
+    if tracker.exceeds(total, len(samples), complete=True):
+        raise DataQualityError(tracker.message(total, samples))
 
 
 def _check_data_quality(accelerator: Accelerator, tracker: BadSampleTracker, epoch_complete: bool = False) -> None:
