@@ -599,3 +599,35 @@ def test_cache_cli_reports_bad_samples_applies_the_rule_and_training_reports_the
         train(run_args(tmp_path / "run2", model=model, data=None, embedding_cache=cache, max_steps=2))
     with pytest.raises(DataQualityError, match=r"3 of 12 training samples \(25\.0%\)"):
         train(run_args(tmp_path / "run3", model=model, data=str(data), max_steps=None, num_epochs=1))
+
+
+def test_failed_upload_prints_a_command_that_hf_upload_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recovery command is parsed by the installed `hf` CLI's own parser: one pattern per --exclude, the
+    output directory (with a space in its path) as LOCAL_PATH, no stray PATH_IN_REPO."""
+    import re
+    import shlex
+
+    import huggingface_hub
+    from huggingface_hub.cli.hf import app
+
+    from pasam_hf.training import HubUploadError
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    args = run_args(tmp_path / "my runs", max_steps=1, push_to_hub="me/pasam-shapes", hub_revision="v1",
+                    hub_private=True)
+    with pytest.raises(HubUploadError) as raised:
+        train(args, model=tiny_model(), train_records=shape_records(2))
+    command = re.search(r"upload it with `(hf upload [^`]+)`", str(raised.value)).group(1)
+    words = shlex.split(command)
+    assert words[:2] == ["hf", "upload"]
+    # `hf`'s group resolves (and imports) the sub-command as `hf` itself does, then its parser reads the words.
+    name, upload, rest = app.resolve_command(app.make_context("hf", words[1:]), words[1:])
+    params = upload.make_context(name, rest).params
+    assert params["repo_id"] == "me/pasam-shapes" and params["local_path"] == args.output_dir
+    assert params["path_in_repo"] is None
+    assert set(params["exclude"]) == {"checkpoints/*", "logs/*"}
+    assert params["revision"] == "v1" and params["private"] is True

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from .checkpointing import CheckpointManager, TrainerState
 
 logger = logging.getLogger(__name__)
 
+# What `--push-to-hub` leaves out of the upload of the output directory.
+HUB_IGNORE_PATTERNS = ("checkpoints/*", "logs/*")
 # Model inputs a training batch may carry; everything else in a batch (names, skipped samples) is bookkeeping.
 MODEL_INPUTS = ("adapter_pixel_values", "input_boxes", "input_points", "input_labels", "input_masks", "labels")
 
@@ -551,17 +554,22 @@ def _push_to_hub(output_dir: Path, args: TrainingArguments) -> None:
             repo_id=args.push_to_hub,
             folder_path=str(output_dir),
             revision=args.hub_revision,
-            ignore_patterns=["checkpoints/*", "logs/*"],
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),
             commit_message="Upload PA-SAM fine-tuned with pasam-hf",
         )
     except Exception as error:  # noqa: BLE001 - network, auth and permission errors all leave the same remedy
         reason = " ".join(str(error).split()) or type(error).__name__
-        revision = f" --revision {args.hub_revision}" if args.hub_revision else ""
+        command = ["hf", "upload", args.push_to_hub, str(output_dir)]
+        if args.hub_revision:
+            command += ["--revision", args.hub_revision]
+        if args.hub_private:
+            command.append("--private")
+        for pattern in HUB_IGNORE_PATTERNS:  # `hf upload` takes one pattern per --exclude
+            command += ["--exclude", pattern]
         raise HubUploadError(
             f"the model was trained and saved in {output_dir}, but uploading it to the Hub repository "
             f"{args.push_to_hub!r} failed ({type(error).__name__}: {reason}). Check the network and your token "
-            f"(`hf auth login`), then upload it with `hf upload {args.push_to_hub} {output_dir}{revision} "
-            "--exclude 'checkpoints/*' 'logs/*'`."
+            f"(`hf auth login`), then upload it with `{shlex.join(command)}`."
         ) from error
     print(f"uploaded to {url}")
 
