@@ -56,11 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_data(data: str) -> None:
-    """A path that cannot be a Hub id (`name` or `owner/name`) must exist: say so before datasets tries the Hub."""
+    """A file is no data source (a missing path is told from a Hub id by `load_records`)."""
     path = Path(data).expanduser()
-    looks_local = data.startswith((".", "/", "~")) or data.count("/") > 1 or "\\" in data
-    if looks_local and not path.exists():
-        raise CLIError(f"--data {data} does not exist; give a folder of images and masks or a dataset id.")
     if path.exists() and not path.is_dir():
         raise CLIError(f"--data {data} is a file; give a folder (images/ + masks/) or a datasets directory.")
 

@@ -367,15 +367,46 @@ def _select_split(dataset: Any, split: str) -> Any:
 
 
 def _looks_local(source: str | os.PathLike) -> bool:
-    """Whether `source` can only be a local path (a Hub id is `name` or `namespace/name`), so that a missing
-    folder is reported as such instead of being looked up on the Hub."""
+    """Whether `source` can only be a local path, so that a missing folder is reported as such instead of being
+    looked up on the Hub: a Hub id is `name` or `namespace/name`, so a path object, a path starting with `.`, `/`
+    or `~`, with two slashes or more, a backslash or a trailing slash is local, and so is `a/b` when `a` exists
+    here (`my_data/train` next to `my_data/`)."""
     text = os.fspath(source)
     return (
         isinstance(source, os.PathLike)
         or text.startswith((".", "/", "~"))
         or text.count("/") > 1
         or "\\" in text
+        or text.endswith("/")
+        or ("/" in text and Path(text.split("/")[0]).exists())
     )
+
+
+def _neither_here_nor_on_the_hub(source: str, reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{source!r} is neither a local folder (there is no {str(Path(source).absolute())!r}) nor a dataset on the "
+        f"Hub ({reason}). Check the path (a folder with images/ + masks/ or im/ + gt/, or a save_to_disk "
+        "directory), or the Hub dataset id."
+    )
+
+
+def _check_hub_reachable(source: str) -> None:
+    """Fail fast when a Hub-id-shaped `source` that is no local path cannot be looked up on the Hub: one request
+    without retries, where `datasets.load_dataset` would retry for about half a minute before giving up."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if huggingface_hub.is_offline_mode():
+        return  # datasets looks in its cache only, and says so at once
+    try:
+        huggingface_hub.HfApi().dataset_info(source, timeout=10)
+    except HfHubHTTPError:
+        return  # the Hub answered (not found, private, gated...): datasets gives the precise error at once
+    except Exception as error:  # noqa: BLE001 - no answer at all: DNS, refused connection, timeout, proxy
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise _neither_here_nor_on_the_hub(
+            source, f"the Hub could not be reached to look for it: {type(error).__name__}: {reason}"
+        ) from error
 
 
 def _open_dataset(source: str | os.PathLike, split: str, streaming: bool) -> Any:
@@ -387,16 +418,22 @@ def _open_dataset(source: str | os.PathLike, split: str, streaming: bool) -> Any
             f"data folder {os.fspath(source)!r} does not exist; check the path (a folder with images/ + masks/ or "
             "im/ + gt/, a save_to_disk directory, or a Hub dataset id such as 'user/name')."
         )
+    if not path.exists():
+        _check_hub_reachable(str(source))
     if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
         dataset = _select_split(datasets.load_from_disk(str(path)), split)
         return dataset.to_iterable_dataset() if streaming and isinstance(dataset, datasets.Dataset) else dataset
     try:
         return datasets.load_dataset(str(source), split=split, streaming=streaming)
     except FileNotFoundError as error:
+        if not path.exists():
+            raise _neither_here_nor_on_the_hub(str(source), " ".join(str(error).split())) from error
         raise FileNotFoundError(
             f"{str(source)!r} is neither a folder of images and masks nor a dataset datasets.load_dataset can "
             f"find ({error}); pass an existing folder, a save_to_disk directory or a Hub dataset id."
         ) from error
+    except ConnectionError as error:  # offline mode, or the Hub went away after the check above
+        raise _neither_here_nor_on_the_hub(str(source), " ".join(str(error).split())) from error
     except ValueError as error:
         if "split" in str(error).lower() or "Unknown split" in str(error):
             raise ValueError(f"split={split!r} is not a split of {str(source)!r} ({error}).") from error
