@@ -358,3 +358,35 @@ def test_cli_scores_or_skips_every_sample_with_its_reason(model_dir, tmp_path, c
     assert sorted(skipped) == sorted(reasons)
     for stem, reason in reasons.items():
         assert reason in skipped[stem]["reason"] and skipped[stem]["count"] == 1
+
+
+def test_cli_messages_name_flags_not_python_arguments(model_dir, tmp_path, capsys):
+    """On the command line, the fixes a message suggests are flags: --resize-masks (which exists and works),
+    --image-column / --mask-column, --split; never resize_masks=True, image_column=..., split='...'."""
+    import datasets
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    mask[30:70, 40:90] = 255
+    PIL.Image.fromarray(synthetic_image(96, 128, seed=0)).save(data / "images" / "half_size.png")
+    PIL.Image.fromarray(mask[::2, ::2]).save(data / "masks" / "half_size.png")
+    command = ["evaluate", "--data", str(data), "--model", str(model_dir), "--device", "cpu"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "pass --resize-masks to resize masks" in err and "resize_masks=" not in err, err
+    assert main([*command, "--resize-masks"]) == 0
+    assert "(all)          1" in capsys.readouterr().out
+
+    saved = tmp_path / "saved"
+    dataset = datasets.Dataset.from_dict({"pixels": [PIL.Image.fromarray(synthetic_image(96, 128))], "label": [mask]})
+    datasets.DatasetDict(validation=dataset).save_to_disk(str(saved))
+    for extra, expected, python in (
+        ([], "Pass --image-column and --mask-column naming", "image_column="),
+        (["--image-column", "pixels", "--mask-column", "label", "--split", "test"], "--split test not in the dataset",
+         "split="),
+    ):
+        assert main(["evaluate", "--data", str(saved), "--model", str(model_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and python not in err, err

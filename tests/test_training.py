@@ -221,6 +221,9 @@ def test_resume_errors_are_clear(tmp_path: Path) -> None:
         train(run_args(tmp_path, resume=str(tmp_path)), model=tiny_model(), train_records=shape_records())
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         run_args(tmp_path, batch_size=0)
+    # In Python the model is an argument, not a flag.
+    with pytest.raises(ValueError, match=r"no model to fine-tune: pass train\(model=\.\.\.\), or TrainingArguments"):
+        train(run_args(tmp_path / "no-model"), train_records=shape_records(2))
 
 
 def test_embedding_cache_trains_the_same_decoder(tmp_path: Path) -> None:

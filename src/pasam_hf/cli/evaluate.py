@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="label-map value to ignore (default 255; -1: none)")
     parser.add_argument("--instance-mode", choices=("binary", "split"), default="binary",
                         help="binary: all object values are one object; split: one object per label value")
+    parser.add_argument("--resize-masks", action="store_true",
+                        help="resize masks whose size differs from their image's (nearest neighbour)")
     parser.add_argument("--subset", help="subset name for every image (default: each image's sub-folder)")
     add_model_arguments(parser)
     parser.add_argument("--squash", action="store_true",

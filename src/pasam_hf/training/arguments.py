@@ -27,6 +27,7 @@ class TrainingArguments:
     mask_column: str = "mask"
     void_value: int = 255
     instance_mode: str = "binary"
+    resize_masks: bool = False
     streaming: bool = False
     steps_per_epoch: int | None = None
     embedding_cache: str | None = None
@@ -121,6 +122,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "--instance-mode", choices=("binary", "split"), default=default("instance_mode"),
         help="binary: all non-zero mask values are one object; split: each value is an instance",
     )
+    data.add_argument("--resize-masks", action="store_true",
+                      help="resize masks whose size differs from their image's (nearest neighbour)")
     data.add_argument("--streaming", action="store_true", help="stream a datasets dataset larger than memory")
     data.add_argument("--steps-per-epoch", type=int, help="epoch length for streamed data")
     data.add_argument("--embedding-cache", help="train from image embeddings precomputed by `pasam cache`")

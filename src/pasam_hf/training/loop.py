@@ -178,7 +178,10 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     if model is None:
         if args.model is None:
-            raise ValueError("no model to fine-tune: pass --model (a PA-SAM or SAM checkpoint, Hub id or directory).")
+            raise ValueError(
+                "no model to fine-tune: pass train(model=...), or TrainingArguments(model=...) with a PA-SAM or SAM "
+                "checkpoint (Hub id or directory)."
+            )
         model, processor = load_model_and_processor(args.model)
     elif processor is None:
         processor = PASamProcessor.from_model_config(model.config)
