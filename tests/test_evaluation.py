@@ -252,6 +252,7 @@ def test_cli_writes_objects_csv_and_metrics_json(tiny, model_dir, data_dir, tmp_
     )
     assert completed.returncode == 0, completed.stderr
     assert "Average" in completed.stdout and "mIoU" in completed.stdout
+    assert "Loading weights" not in completed.stderr
     with (out / "objects.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
     summary = json.loads((out / "metrics.json").read_text())

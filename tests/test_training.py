@@ -576,6 +576,7 @@ def test_cache_cli_reports_bad_samples_applies_the_rule_and_training_reports_the
     code, out, err = results["tolerant"]
     assert code == 0, err[-3000:]
     assert "skipped 3 of 12 samples that could not be used" in out
+    assert "Loading weights" not in err  # transformers' bars are not the command's progress
     # Each bad sample on its own line, with its reason.
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
     assert sorted(lines) == bad, out
