@@ -635,3 +635,25 @@ def test_failed_upload_prints_a_command_that_hf_upload_parses(tmp_path: Path, mo
     assert params["path_in_repo"] is None
     assert set(params["exclude"]) == {"checkpoints/*", "logs/*"}
     assert params["revision"] == "v1" and params["private"] is True
+
+
+def test_failed_run_takes_back_only_what_it_created(tmp_path: Path) -> None:
+    """A run stopped by the bad-sample rule before any checkpoint leaves no output directory holding only
+    TensorBoard logs; in a directory that existed, the user's files stay."""
+    from pasam_hf.data import DataQualityError
+
+    data = write_folder(tmp_path / "data", shape_records(2))
+    for stem in ("a", "b", "c"):
+        write_corrupt_pair(data, f"broken_{stem}")
+    new_dir = run_args(tmp_path / "new", data=str(data), max_steps=None, num_epochs=1, report_to="tensorboard")
+    with pytest.raises(DataQualityError):
+        train(new_dir, model=tiny_model())
+    assert not Path(new_dir.output_dir).exists()
+
+    existing = tmp_path / "existing" / "run"
+    existing.mkdir(parents=True)
+    (existing / "notes.txt").write_text("mine")
+    args = run_args(tmp_path / "existing", data=str(data), max_steps=None, num_epochs=1, report_to="tensorboard")
+    with pytest.raises(DataQualityError):
+        train(args, model=tiny_model())
+    assert sorted(path.name for path in existing.iterdir()) == ["notes.txt"]

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,31 @@ def _keep_items(items: list) -> list:
     return items
 
 
+class _RunDirectory:
+    """What a run adds to its output directory, taken back when the run fails before keeping anything (no
+    checkpoint, no model): a failed first run would otherwise leave a folder holding only TensorBoard logs. What
+    existed before the run is never touched."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.existed = output_dir.exists()
+        self.logs_existed = (output_dir / "logs").exists()
+
+    def clean_up(self) -> None:
+        if os.environ.get("RANK", "0") != "0" or not self.output_dir.is_dir():
+            return  # one process cleans up; the others see the same directory
+        checkpoints = self.output_dir / "checkpoints"
+        kept = (self.output_dir / "model.safetensors").exists() or (
+            checkpoints.is_dir() and any(not path.name.startswith(".") for path in checkpoints.iterdir())
+        )
+        if kept:
+            return
+        if not self.existed:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        elif not self.logs_existed:
+            shutil.rmtree(self.output_dir / "logs", ignore_errors=True)
+
+
 def train(
     args: TrainingArguments,
     model: PASamModel | None = None,
@@ -126,8 +152,24 @@ def train(
     """Fine-tune PA-SAM as configured by `args` and save the result in `args.output_dir`.
 
     `model`, `processor` and `train_records` / `eval_records` (iterables of `SegmentationRecord`) may be given
-    directly instead of `args.model` / `args.data` / `args.eval_data` (the offline demo does).
+    directly instead of `args.model` / `args.data` / `args.eval_data` (the offline demo does). A run that fails
+    before saving a checkpoint takes back what it created in `args.output_dir` (the directory itself, its logs).
     """
+    run_directory = _RunDirectory(Path(args.output_dir))
+    try:
+        return _train(args, model, processor, train_records, eval_records)
+    except BaseException:
+        run_directory.clean_up()
+        raise
+
+
+def _train(
+    args: TrainingArguments,
+    model: PASamModel | None,
+    processor: PASamProcessor | None,
+    train_records: Iterable | None,
+    eval_records: Iterable | None,
+) -> TrainingResult:
     output_dir = Path(args.output_dir)
     # ---------------------------------------------------------------------------------------------------------
     # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers.
