@@ -399,3 +399,11 @@ def test_cli_converts(tmp_path, trained, release):
     assert result.returncode == 0, result.stderr
     assert "converted to out" in result.stdout and "mask_decoder_ori" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_python_errors_name_the_python_argument_too(tmp_path):
+    """convert_checkpoint is called from Python as well as by `pasam convert`: its advice names both spellings."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match=r"pass --overwrite \(overwrite=True in Python\)"):
+        convert_checkpoint(tmp_path / "release.pth", tmp_path / "out")
