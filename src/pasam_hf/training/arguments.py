@@ -118,12 +118,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     data.add_argument("--image-column", default=default("image_column"))
     data.add_argument("--mask-column", default=default("mask_column"))
     data.add_argument("--void-value", type=int, default=default("void_value"), help="mask value to ignore")
+    data.add_argument("--resize-masks", action="store_true",
+                      help="resize masks whose size differs from their image's (nearest neighbour)")
     data.add_argument(
         "--instance-mode", choices=("binary", "split"), default=default("instance_mode"),
         help="binary: all non-zero mask values are one object; split: each value is an instance",
     )
-    data.add_argument("--resize-masks", action="store_true",
-                      help="resize masks whose size differs from their image's (nearest neighbour)")
     data.add_argument("--streaming", action="store_true", help="stream a datasets dataset larger than memory")
     data.add_argument("--steps-per-epoch", type=int, help="epoch length for streamed data")
     data.add_argument("--embedding-cache", help="train from image embeddings precomputed by `pasam cache`")

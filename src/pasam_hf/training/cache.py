@@ -195,24 +195,6 @@ class EmbeddingCacheDataset(Dataset):
                 "trained; rebuild it with `pasam cache --model <the same model>`."
             )
 
-    @property
-    def bad_samples(self) -> list[dict[str, str]]:
-        """The samples left out of the cache because they could not be used: `[{"name", "kind", "reason"}]`."""
-        if "bad_samples" in self.index:
-            return list(self.index["bad_samples"])
-        # Caches of earlier versions kept the names only, once per view.
-        return [
-            {"name": name, "kind": "unknown", "reason": "left out of the cache"}
-            for name in dict.fromkeys(self.index.get("skipped", []))
-        ]
-
-    @property
-    def num_records(self) -> int:
-        """How many samples the cached data held, the bad ones included."""
-        if "num_records" in self.index:
-            return int(self.index["num_records"])
-        return len({entry["name"] for entry in self.entries}) + len(self.bad_samples)
-
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -236,6 +218,24 @@ class EmbeddingCacheDataset(Dataset):
         state = self.__dict__.copy()
         state["_handles"] = {}
         return state
+
+    @property
+    def bad_samples(self) -> list[dict[str, str]]:
+        """The samples left out of the cache because they could not be used: `[{"name", "kind", "reason"}]`."""
+        if "bad_samples" in self.index:
+            return list(self.index["bad_samples"])
+        # Caches of earlier versions kept the names only, once per view.
+        return [
+            {"name": name, "kind": "unknown", "reason": "left out of the cache"}
+            for name in dict.fromkeys(self.index.get("skipped", []))
+        ]
+
+    @property
+    def num_records(self) -> int:
+        """How many samples the cached data held, the bad ones included."""
+        if "num_records" in self.index:
+            return int(self.index["num_records"])
+        return len({entry["name"] for entry in self.entries}) + len(self.bad_samples)
 
 
 __all__ = ["EmbeddingCacheDataset", "EmbeddingCacheError", "build_embedding_cache", "encoder_fingerprint"]

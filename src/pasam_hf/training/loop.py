@@ -12,8 +12,6 @@ import dataclasses
 import logging
 import math
 import os
-import shlex
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -115,31 +113,6 @@ def _build_dataset(args: TrainingArguments, model: PASamModel, processor: PASamP
 def _keep_items(items: list) -> list:
     # The DataLoader only batches items; prompts are drawn in the main process (see batch_seed).
     return items
-
-
-class _RunDirectory:
-    """What a run adds to its output directory, taken back when the run fails before keeping anything (no
-    checkpoint, no model): a failed first run would otherwise leave a folder holding only TensorBoard logs. What
-    existed before the run is never touched."""
-
-    def __init__(self, output_dir: Path):
-        self.output_dir = output_dir
-        self.existed = output_dir.exists()
-        self.logs_existed = (output_dir / "logs").exists()
-
-    def clean_up(self) -> None:
-        if os.environ.get("RANK", "0") != "0" or not self.output_dir.is_dir():
-            return  # one process cleans up; the others see the same directory
-        checkpoints = self.output_dir / "checkpoints"
-        kept = (self.output_dir / "model.safetensors").exists() or (
-            checkpoints.is_dir() and any(not path.name.startswith(".") for path in checkpoints.iterdir())
-        )
-        if kept:
-            return
-        if not self.existed:
-            shutil.rmtree(self.output_dir, ignore_errors=True)
-        elif not self.logs_existed:
-            shutil.rmtree(self.output_dir / "logs", ignore_errors=True)
 
 
 def train(
@@ -520,6 +493,33 @@ def _report_cached_bad_samples(
         raise DataQualityError(tracker.message(total, samples))
 
 
+class _RunDirectory:
+    """What a run adds to its output directory, taken back when the run fails before keeping anything (no
+    checkpoint, no model): a failed first run would otherwise leave a folder holding only TensorBoard logs. What
+    existed before the run is never touched."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.existed = output_dir.exists()
+        self.logs_existed = (output_dir / "logs").exists()
+
+    def clean_up(self) -> None:
+        if os.environ.get("RANK", "0") != "0" or not self.output_dir.is_dir():
+            return  # one process cleans up; the others see the same directory
+        checkpoints = self.output_dir / "checkpoints"
+        kept = (self.output_dir / "model.safetensors").exists() or (
+            checkpoints.is_dir() and any(not path.name.startswith(".") for path in checkpoints.iterdir())
+        )
+        if kept:
+            return
+        import shutil
+
+        if not self.existed:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        elif not self.logs_existed:
+            shutil.rmtree(self.output_dir / "logs", ignore_errors=True)
+
+
 def _check_data_quality(accelerator: Accelerator, tracker: BadSampleTracker, epoch_complete: bool = False) -> None:
     """Raise [`DataQualityError`] on every process when the bad fraction over all processes is too high.
 
@@ -588,6 +588,8 @@ def _evaluate(accelerator, model, processor, args, eval_records, state, label: s
 
 def _push_to_hub(output_dir: Path, args: TrainingArguments) -> None:
     """Upload the saved model, processor and adapter (not the checkpoints or logs) to `args.push_to_hub`."""
+    import shlex
+
     from huggingface_hub import HfApi
 
     try:
