@@ -204,7 +204,7 @@ def test_from_sam_pretrained_reports_no_adapter_tensor_as_missing(tmp_path: Path
     sam_config = SamConfig(**{k: v.to_dict() for k, v in {
         "vision_config": PASamConfig.small().vision_config,
         "prompt_encoder_config": PASamConfig.small().prompt_encoder_config,
-    }.items()}, mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32))
+    }.items()}, mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32})
     SamModel(sam_config).save_pretrained(tmp_path / "sam")
     # transformers' loggers do not propagate to the root logger that caplog listens to: listen to them directly.
     reported: list[str] = []

@@ -81,9 +81,8 @@ def test_trainer_example_fine_tunes_and_saves_a_loadable_model(tmp_path: Path) -
 def _tiny_sam_dir(directory: Path) -> Path:
     """A tiny plain SAM checkpoint laid out as the Hub's SAM repos are: config.json (model_type 'sam'),
     model.safetensors and SAM's preprocessor_config.json (SamImageProcessor at the model's 128-pixel size)."""
-    from transformers import SamConfig, SamImageProcessor, SamModel
-
     from conftest import tiny_config
+    from transformers import SamConfig, SamImageProcessor, SamModel
 
     pasam = tiny_config()
     sam_config = SamConfig(
