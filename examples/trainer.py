@@ -7,7 +7,7 @@ Trainer drives it with the package's dataset, collator and trainable set.
 
 `--data` is a folder with `images/` + `masks/` (or `im/` + `gt/`) or a `datasets` id/directory (see
 `pasam_hf.data.load_records`); without it the run uses procedural thin-structure images (`pasam_hf.synthetic`).
-`--model` is a PA-SAM directory or Hub id (a plain SAM checkpoint gets a fresh adapter: `pasam convert` it first).
+`--model` is a PA-SAM or SAM checkpoint, directory or Hub id (SAM gets a fresh adapter, as with `pasam train`).
 
 What `pasam train` adds over this script: exact resume of the prompt draws, the bad-sample policy, NaN-step
 skipping, the embedding cache (see docs/training.md). The cells (`# %%`) run one by one in VS Code, PyCharm or
@@ -23,11 +23,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pasam_hf import PASamConfig, PASamModel, PASamProcessor
 from pasam_hf.data import PASamDataCollator, PASamTrainingDataset, PromptSimulator, load_records
+from pasam_hf.loading import ModelLoadError, load_model_and_processor
 from pasam_hf.synthetic import thin_structure_records
 from pasam_hf.training import mark_trainable
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", help="PA-SAM checkpoint directory or Hub id")
+parser.add_argument("--model", help="PA-SAM or SAM checkpoint: directory or Hub id (SAM gets a fresh adapter)")
 parser.add_argument("--tiny", action="store_true", help="tiny randomly initialised model, a few steps (no download)")
 parser.add_argument("--data", help="training data (default: procedural thin-structure images)")
 parser.add_argument("--output-dir", default=None, help="where the model is saved (default: a temporary directory)")
@@ -38,7 +39,7 @@ parser.add_argument("--point-mining-warmup-epochs", type=int, default=5,
                     help="epochs before hard point mining starts (release: 5)")
 args = parser.parse_args()
 if not args.tiny and args.model is None:
-    parser.error("pass --model DIR_OR_HUB_ID (a PA-SAM checkpoint), or --tiny for a tiny random model")
+    parser.error("pass --model DIR_OR_HUB_ID (a PA-SAM or SAM checkpoint), or --tiny for a tiny random model")
 output_dir = args.output_dir or tempfile.mkdtemp(prefix="pasam-trainer-")
 max_steps = args.max_steps or (3 if args.tiny else 1000)
 
@@ -49,8 +50,12 @@ if args.tiny:
     model = PASamModel(config)
     processor = PASamProcessor.from_model_config(config)
 else:
-    model = PASamModel.from_pretrained(args.model)
-    processor = PASamProcessor.from_pretrained(args.model)
+    # A PA-SAM checkpoint, or a SAM one wrapped with a fresh adapter (PASamModel.from_sam_pretrained), as `pasam
+    # train` loads them; what cannot be loaded is said in one line.
+    try:
+        model, processor = load_model_and_processor(args.model)
+    except ModelLoadError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 # Adapter, guiding branch, upscaling, the first hypernetwork MLP and the mask tokens; the rest is frozen.
 trainable = mark_trainable(model)
 print(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters in "

@@ -241,3 +241,38 @@ torch.save(results, f"{{root}}/out.pt")
     assert result.returncode == 0, result.stderr[-3000:]
     for (saved_with, backend), adapter_pixel_values in torch.load(tmp_path / "out.pt").items():
         torch.testing.assert_close(adapter_pixel_values, expected[backend])
+
+
+def test_from_sam_pretrained_reports_no_adapter_tensor_as_missing(tmp_path: Path, caplog) -> None:
+    """transformers' load report listed all adapter tensors as MISSING / newly initialized, also with `adapter=`,
+    which then loads them; the one line from_sam_pretrained writes itself is what a user needs."""
+    import logging
+
+    from pasam_hf.adapters import save_adapter
+
+    torch.manual_seed(0)
+    sam_config = SamConfig(**{k: v.to_dict() for k, v in {
+        "vision_config": PASamConfig.small().vision_config,
+        "prompt_encoder_config": PASamConfig.small().prompt_encoder_config,
+    }.items()}, mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32})
+    SamModel(sam_config).save_pretrained(tmp_path / "sam")
+    # transformers' loggers do not propagate to the root logger that caplog listens to: listen to them directly.
+    reported: list[str] = []
+    listener = logging.Handler()
+    listener.emit = lambda record: reported.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(listener)
+    try:
+        fresh = PASamModel.from_sam_pretrained(tmp_path / "sam", adapter_init="random")
+        said = "\n".join(reported) + caplog.text
+        assert "MISSING" not in said and "newly initialized" not in said, said
+        assert "PA-SAM adapter tensors" in said and "are new and initialised" in said
+        save_adapter(fresh, tmp_path / "adapter")
+        reported.clear()
+        caplog.clear()
+        loaded = PASamModel.from_sam_pretrained(tmp_path / "sam", adapter=str(tmp_path / "adapter"))
+        said = "\n".join(reported) + caplog.text
+        assert "MISSING" not in said and "are new and initialised" not in said, said
+    finally:
+        logging.getLogger("transformers").removeHandler(listener)
+    for name in fresh.adapter_state_dict_keys():
+        assert torch.equal(loaded.state_dict()[name], fresh.state_dict()[name]), name

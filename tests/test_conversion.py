@@ -421,3 +421,11 @@ def test_release_checkpoints_convert_with_the_release_layer_norm_eps(tmp_path, t
     assert "layer-norm eps 1e-06 replaced by the release's 1e-05" in report.summary()
     convert_checkpoint(source, tmp_path / "explicit", config=old_config, adapter_config={"layer_norm_eps": 1e-6})
     assert PASamConfig.from_pretrained(tmp_path / "explicit").mask_decoder_config.layer_norm_eps == 1e-6
+
+
+def test_python_errors_name_the_python_argument_too(tmp_path):
+    """convert_checkpoint is called from Python as well as by `pasam convert`: its advice names both spellings."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match=r"pass --overwrite \(overwrite=True in Python\)"):
+        convert_checkpoint(tmp_path / "release.pth", tmp_path / "out")

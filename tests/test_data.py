@@ -102,6 +102,43 @@ def test_hqseg_im_gt_preset_with_subsets(tmp_path: Path) -> None:
     assert len(load_records(tmp_path / "custom", layout=("rgb", "labels"))) == 1
 
 
+def test_missing_folder_with_one_slash_is_local_or_fails_fast_naming_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`my_data/train` beside an existing `my_data/` is a local path: reported at once, never looked up on the Hub.
+    `someone/missing` (nothing local) is a Hub id, but an unreachable Hub is found with one request, not
+    datasets' half-minute of retries, and the error names both readings."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_data").mkdir()
+    # Online, with a Hub that refuses connections (a port nobody listens on): what datasets would retry.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    started = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"data folder 'my_data/train' does not exist; check the path"):
+        load_records("my_data/train")
+    with pytest.raises(FileNotFoundError) as raised:
+        load_records("someone/missing")
+    assert time.perf_counter() - started < 5
+    message = str(raised.value)
+    assert "'someone/missing' is neither a local folder" in message and str(tmp_path / "someone") in message
+    assert "the Hub could not be reached" in message
+    # Offline: datasets looks in its cache only; the error still names both readings.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="'someone/missing' is neither a local folder .* nor a dataset on the Hub"):
+        load_records("someone/missing")
+
+
 def test_folder_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_records(tmp_path / "missing")

@@ -252,6 +252,7 @@ def test_cli_writes_objects_csv_and_metrics_json(tiny, model_dir, data_dir, tmp_
     )
     assert completed.returncode == 0, completed.stderr
     assert "Average" in completed.stdout and "mIoU" in completed.stdout
+    assert "Loading weights" not in completed.stderr
     with (out / "objects.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
     summary = json.loads((out / "metrics.json").read_text())
@@ -319,3 +320,74 @@ def test_training_evaluates_the_last_epoch_and_a_run_stopped_mid_epoch(tiny, rec
     # Exactly at an epoch's end: evaluated as that epoch, not twice.
     lines = evaluation_lines(num_epochs=5, max_steps=2)
     assert [line.split(" evaluation")[0] for line in lines] == ["epoch 0"]
+
+
+def test_cli_scores_or_skips_every_sample_with_its_reason(model_dir, tmp_path, capsys):
+    """2 good pairs and 3 bad ones (truncated image, mask of another size, empty mask): 5 samples, 2 scored and 3
+    skipped, each named with its reason in the table and in metrics.json."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    mask[30:70, 40:90] = 255
+    for stem, seed in (("good_a", 0), ("good_b", 1)):
+        PIL.Image.fromarray(synthetic_image(96, 128, seed=seed)).save(data / "images" / f"{stem}.png")
+        PIL.Image.fromarray(mask).save(data / "masks" / f"{stem}.png")
+    (data / "images" / "broken_scan.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    PIL.Image.fromarray(mask).save(data / "masks" / "broken_scan.png")
+    PIL.Image.fromarray(synthetic_image(96, 128, seed=2)).save(data / "images" / "wrong_size.png")
+    PIL.Image.fromarray(mask[:48, :64]).save(data / "masks" / "wrong_size.png")
+    PIL.Image.fromarray(synthetic_image(96, 128, seed=3)).save(data / "images" / "no_object.png")
+    PIL.Image.fromarray(np.zeros_like(mask)).save(data / "masks" / "no_object.png")
+
+    out = tmp_path / "results"
+    code = main(["evaluate", "--data", str(data), "--model", str(model_dir), "--device", "cpu", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert code == 0
+    assert "(3 objects skipped, in 3 images:" in table
+    reasons = {
+        "broken_scan": "cannot be read as an image",
+        "wrong_size": "is 64x48 (WxH) but its image is 128x96",
+        "no_object": "the mask has no foreground pixel",
+    }
+    for stem, reason in reasons.items():
+        line = next(line for line in table.splitlines() if line.startswith(f"  {stem}: "))
+        assert reason in line, table
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["num_scored"] == 2 and summary["num_skipped"] == 3
+    skipped = {sample["image"]: sample for sample in summary["skipped"]}
+    assert sorted(skipped) == sorted(reasons)
+    for stem, reason in reasons.items():
+        assert reason in skipped[stem]["reason"] and skipped[stem]["count"] == 1
+
+
+def test_cli_messages_name_flags_not_python_arguments(model_dir, tmp_path, capsys):
+    """On the command line, the fixes a message suggests are flags: --resize-masks (which exists and works),
+    --image-column / --mask-column, --split; never resize_masks=True, image_column=..., split='...'."""
+    import datasets
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    mask = np.zeros((96, 128), dtype=np.uint8)
+    mask[30:70, 40:90] = 255
+    PIL.Image.fromarray(synthetic_image(96, 128, seed=0)).save(data / "images" / "half_size.png")
+    PIL.Image.fromarray(mask[::2, ::2]).save(data / "masks" / "half_size.png")
+    command = ["evaluate", "--data", str(data), "--model", str(model_dir), "--device", "cpu"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "pass --resize-masks to resize masks" in err and "resize_masks=" not in err, err
+    assert main([*command, "--resize-masks"]) == 0
+    assert "(all)          1" in capsys.readouterr().out
+
+    saved = tmp_path / "saved"
+    dataset = datasets.Dataset.from_dict({"pixels": [PIL.Image.fromarray(synthetic_image(96, 128))], "label": [mask]})
+    datasets.DatasetDict(validation=dataset).save_to_disk(str(saved))
+    for extra, expected, python in (
+        ([], "Pass --image-column and --mask-column naming", "image_column="),
+        (["--image-column", "pixels", "--mask-column", "label", "--split", "test"], "--split test not in the dataset",
+         "split="),
+    ):
+        assert main(["evaluate", "--data", str(saved), "--model", str(model_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and python not in err, err

@@ -76,3 +76,52 @@ def test_trainer_example_fine_tunes_and_saves_a_loadable_model(tmp_path: Path) -
     changed = {name for name, tensor in initial.items() if not torch.equal(tensor, trained[name])}
     assert changed and changed <= trainable, sorted(changed - trainable)
     assert any(name.startswith("mask_decoder.prompt_adapter.") for name in changed)
+
+
+def _tiny_sam_dir(directory: Path) -> Path:
+    """A tiny plain SAM checkpoint laid out as the Hub's SAM repos are: config.json (model_type 'sam'),
+    model.safetensors and SAM's preprocessor_config.json (SamImageProcessor at the model's 128-pixel size)."""
+    from conftest import tiny_config
+    from transformers import SamConfig, SamImageProcessor, SamModel
+
+    pasam = tiny_config()
+    sam_config = SamConfig(
+        vision_config=pasam.vision_config.to_dict(),
+        prompt_encoder_config=pasam.prompt_encoder_config.to_dict(),
+        mask_decoder_config={
+            key: getattr(pasam.mask_decoder_config, key)
+            for key in ("hidden_size", "mlp_dim", "num_attention_heads", "iou_head_hidden_dim")
+        },
+    )
+    torch.manual_seed(0)
+    SamModel(sam_config).save_pretrained(directory)
+    SamImageProcessor(
+        size={"longest_edge": 128}, pad_size={"height": 128, "width": 128}, mask_size={"longest_edge": 32},
+        mask_pad_size={"height": 32, "width": 32},
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_trainer_example_takes_a_sam_checkpoint_and_says_load_errors_in_one_line(tmp_path: Path) -> None:
+    sam_dir = _tiny_sam_dir(tmp_path / "sam")
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for index in range(2):
+        image = np.full((48, 64, 3), 40, dtype=np.uint8)
+        image[10:40, 10 + 10 * index : 50] = 220
+        PIL.Image.fromarray(image).save(data / "images" / f"{index}.png")
+        PIL.Image.fromarray(np.where(image[..., 0] > 128, 255, 0).astype(np.uint8)).save(data / "masks" / f"{index}.png")
+    out = tmp_path / "out"
+    result = run_example("trainer.py", "--model", str(sam_dir), "--data", str(data), "--output-dir", str(out),
+                         "--max-steps", "1", "--batch-size", "2")
+    assert "1 steps, training loss" in result.stdout
+    assert PASamModel.from_pretrained(out).config.model_type == "pa_sam"
+
+    missing = subprocess.run(
+        [sys.executable, str(EXAMPLES / "trainer.py"), "--model", str(tmp_path / "nowhere")],
+        check=False, capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("trainer.py: error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0], missing.stderr[-2000:]

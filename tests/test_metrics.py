@@ -298,3 +298,22 @@ def test_evaluate_module_loads_by_path_and_ships_as_package_data():
     package = REPO_ROOT / "src" / "pasam_hf"
     shipped = {path for pattern in patterns for path in package.glob(pattern)}
     assert {script, METRIC_DIR / "README.md"} <= shipped
+
+
+def test_evaluate_module_refuses_0_255_references_loaded_by_path():
+    """`references=[gt * 255]` with the default ignore_index=255 would void every object pixel and score any
+    prediction 1; the module refuses it as mask_iou does, through evaluate.load as a user loads it."""
+    import evaluate
+
+    metric = evaluate.load(str(METRIC_DIR / "pasam_segmentation.py"))
+    gt = square(8, 2, 6, 2, 6).astype(np.uint8)
+    half = square(8, 2, 6, 2, 4).astype(np.uint8)
+    with pytest.raises(ValueError, match="binary"):
+        mask_iou(half, gt * 255)
+    for prediction in (half, np.zeros_like(gt)):
+        with pytest.raises(ValueError, match=r"references\[0\] holds no foreground.*0/255 mask.*mask > 127"):
+            metric.compute(predictions=[prediction], references=[gt * 255])
+    # Thresholded as the message says, it scores as expected; a reference with no object and no void is legal.
+    assert metric.compute(predictions=[half], references=[(gt * 255 > 127).astype(np.uint8)])["mean_iou"] == 0.5
+    empty = np.zeros_like(gt)
+    assert metric.compute(predictions=[empty], references=[empty])["mean_iou"] == 1.0

@@ -221,6 +221,9 @@ def test_resume_errors_are_clear(tmp_path: Path) -> None:
         train(run_args(tmp_path, resume=str(tmp_path)), model=tiny_model(), train_records=shape_records())
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         run_args(tmp_path, batch_size=0)
+    # In Python the model is an argument, not a flag.
+    with pytest.raises(ValueError, match=r"no model to fine-tune: pass train\(model=\.\.\.\), or TrainingArguments"):
+        train(run_args(tmp_path / "no-model"), train_records=shape_records(2))
 
 
 def test_embedding_cache_trains_the_same_decoder(tmp_path: Path) -> None:
@@ -520,11 +523,13 @@ def test_two_processes_with_accelerate_launch_and_resume(tmp_path: Path) -> None
         ]
         return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
 
-    # 11 samples on 2 processes: 6 batches each an epoch (Accelerate repeats one sample), one of them broken.
+    # 11 samples on 2 processes: 6 batches each an epoch (Accelerate repeats one sample to even them out, which
+    # is not counted as a sample again), one of them broken.
     first = launch([str(REPO / "examples" / "finetune.py")], 7)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "7 steps, final loss" in first.stdout
-    assert "epoch 0: skipped 1 of 12 samples that could not be used: broken (" in first.stdout
+    assert "epoch 0: skipped 1 of 11 samples that could not be used: broken (" in first.stdout
+    assert first.stdout.count("broken (image of broken") == 1  # listed once
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000007" / "trainer_state.json").read_text())
     assert state["global_step"] == 7 and state["epoch"] == 1 and state["bad_samples"] == 1
     first_weights = PASamModel.from_pretrained(tmp_path / "run").state_dict()
@@ -535,3 +540,120 @@ def test_two_processes_with_accelerate_launch_and_resume(tmp_path: Path) -> None
     assert "after 9 steps" in second.stdout
     resumed = PASamModel.from_pretrained(tmp_path / "run").state_dict()
     assert any(not torch.equal(resumed[name], first_weights[name]) for name in first_weights)
+
+
+def write_bad_pairs(root: Path) -> list[str]:
+    """Three pairs that cannot be used: a truncated image, a mask of another size than its image, an empty mask."""
+    write_corrupt_pair(root, "broken_scan")
+    image = Image.fromarray(np.full((96, 128, 3), 90, np.uint8))
+    image.save(root / "images" / "wrong_size.png")
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(root / "masks" / "wrong_size.png")
+    image.save(root / "images" / "no_object.png")
+    Image.fromarray(np.zeros((96, 128), np.uint8)).save(root / "masks" / "no_object.png")
+    return ["broken_scan", "no_object", "wrong_size"]
+
+
+def _run_pasam(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pasam_hf", *args],
+        cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_cache_cli_reports_bad_samples_applies_the_rule_and_training_reports_them(tmp_path: Path, capsys) -> None:
+    from pasam_hf.data import DataQualityError
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_folder(tmp_path / "data", shape_records(9))
+    bad = write_bad_pairs(data)  # 3 of 12 samples: 25%
+    common = ["--data", str(data), "--model", str(model_dir), "--views", "1", "--device", "cpu"]
+    runs = {
+        "tolerant": _run_pasam(["cache", *common, "--out", "lenient", "--max-bad-fraction", "0.3"], tmp_path),
+        "default": _run_pasam(["cache", *common, "--out", "strict"], tmp_path),
+    }
+    results = {name: (process.wait(timeout=300), *process.communicate()) for name, process in runs.items()}
+
+    code, out, err = results["tolerant"]
+    assert code == 0, err[-3000:]
+    assert "skipped 3 of 12 samples that could not be used" in out
+    assert "Loading weights" not in err  # transformers' bars are not the command's progress
+    # Each bad sample on its own line, with its reason.
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    assert sorted(lines) == bad, out
+    assert "cannot be read as an image" in lines["broken_scan"]
+    assert "is 64x48 (WxH) but its image is 128x96" in lines["wrong_size"]
+    assert "no foreground" in lines["no_object"]
+
+    # The training rule (10% by default) applies to the cache too: nothing is written.
+    code, out, err = results["default"]
+    assert code == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("pasam cache: error:")]
+    assert len(errors) == 1 and "3 of 12 training samples (25.0%) could not be used" in errors[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.incomplete").exists()
+
+    # Training from the cache reports the samples it lacks, as training on the folder would.
+    cache = str(tmp_path / "lenient")
+    model = str(model_dir)
+    args = run_args(tmp_path / "run", model=model, data=None, embedding_cache=cache, max_steps=2, max_bad_fraction=0.3)
+    result = train(args)
+    assert sorted(sample["name"] for sample in result.bad_samples) == bad
+    assert "left out 3 of 12 samples that could not be used" in capsys.readouterr().out
+    with pytest.raises(DataQualityError, match=r"3 of 12 training samples \(25\.0%\)"):
+        train(run_args(tmp_path / "run2", model=model, data=None, embedding_cache=cache, max_steps=2))
+    with pytest.raises(DataQualityError, match=r"3 of 12 training samples \(25\.0%\)"):
+        train(run_args(tmp_path / "run3", model=model, data=str(data), max_steps=None, num_epochs=1))
+
+
+def test_failed_upload_prints_a_command_that_hf_upload_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recovery command is parsed by the installed `hf` CLI's own parser: one pattern per --exclude, the
+    output directory (with a space in its path) as LOCAL_PATH, no stray PATH_IN_REPO."""
+    import re
+    import shlex
+
+    import huggingface_hub
+    from huggingface_hub.cli.hf import app
+
+    from pasam_hf.training import HubUploadError
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    args = run_args(tmp_path / "my runs", max_steps=1, push_to_hub="me/pasam-shapes", hub_revision="v1",
+                    hub_private=True)
+    with pytest.raises(HubUploadError) as raised:
+        train(args, model=tiny_model(), train_records=shape_records(2))
+    command = re.search(r"upload it with `(hf upload [^`]+)`", str(raised.value)).group(1)
+    words = shlex.split(command)
+    assert words[:2] == ["hf", "upload"]
+    # `hf`'s group resolves (and imports) the sub-command as `hf` itself does, then its parser reads the words.
+    name, upload, rest = app.resolve_command(app.make_context("hf", words[1:]), words[1:])
+    params = upload.make_context(name, rest).params
+    assert params["repo_id"] == "me/pasam-shapes" and params["local_path"] == args.output_dir
+    assert params["path_in_repo"] is None
+    assert set(params["exclude"]) == {"checkpoints/*", "logs/*"}
+    assert params["revision"] == "v1" and params["private"] is True
+
+
+def test_failed_run_takes_back_only_what_it_created(tmp_path: Path) -> None:
+    """A run stopped by the bad-sample rule before any checkpoint leaves no output directory holding only
+    TensorBoard logs; in a directory that existed, the user's files stay."""
+    from pasam_hf.data import DataQualityError
+
+    data = write_folder(tmp_path / "data", shape_records(2))
+    for stem in ("a", "b", "c"):
+        write_corrupt_pair(data, f"broken_{stem}")
+    new_dir = run_args(tmp_path / "new", data=str(data), max_steps=None, num_epochs=1, report_to="tensorboard")
+    with pytest.raises(DataQualityError):
+        train(new_dir, model=tiny_model())
+    assert not Path(new_dir.output_dir).exists()
+
+    existing = tmp_path / "existing" / "run"
+    existing.mkdir(parents=True)
+    (existing / "notes.txt").write_text("mine")
+    args = run_args(tmp_path / "existing", data=str(data), max_steps=None, num_epochs=1, report_to="tensorboard")
+    with pytest.raises(DataQualityError):
+        train(args, model=tiny_model())
+    assert sorted(path.name for path in existing.iterdir()) == ["notes.txt"]

@@ -241,7 +241,7 @@ def infer_config(
         raise ConversionError(
             f"the mask decoder's attention width {attention_width.shape[0]} is not divisible by "
             f"{decoder_attention_heads} heads; pass the model's config (--config DIR/config.json) or "
-            "--decoder-heads N."
+            "--decoder-heads N (in Python: config=... or decoder_attention_heads=N)."
         )
     config = PASamConfig(
         vision_config=vision,
@@ -597,7 +597,8 @@ def convert_checkpoint(
     output_dir = Path(output_dir).expanduser()
     if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite):
         raise ConversionError(
-            f"output directory {output_dir} is not empty (or is a file); choose a new directory or pass --overwrite."
+            f"output directory {output_dir} is not empty (or is a file); choose a new directory or pass --overwrite "
+            "(overwrite=True in Python)."
         )
     try:
         read = [read_source(path) for path in paths]
@@ -608,8 +609,8 @@ def convert_checkpoint(
     pasam_config, variant = _resolve_config(config, trunk, state_dict, decoder_attention_heads, adapter_config)
     if config is None and trunk.config is None:
         notes.append(
-            f"config built from the tensors' shapes (decoder heads: {decoder_attention_heads}; pass --config for "
-            "other values)"
+            f"config built from the tensors' shapes (decoder heads: {decoder_attention_heads}; pass --config, or "
+            "config=... in Python, for other values)"
         )
     if trunk.config is None and "layer_norm_eps" not in (adapter_config or {}):
         pasam_config = _with_release_layer_norm_eps(pasam_config, notes)

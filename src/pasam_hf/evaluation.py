@@ -27,6 +27,7 @@ from torchvision.ops import masks_to_boxes
 from tqdm.auto import tqdm
 
 from .data.records import FOREGROUND, IGNORE, SegmentationRecord
+from .data.sources import BadSampleError, RecordSequence
 from .metrics import SegmentationMetrics
 from .modeling_pasam import PASamModel
 from .processing_pasam import PASamProcessor
@@ -117,6 +118,27 @@ def _prepare(record: SegmentationRecord, subset: str, squash_size: tuple[int, in
         instances=torch.nonzero(scorable).flatten().tolist(),
     )
     return item, skipped
+
+
+def _samples(records: Iterable[SegmentationRecord]) -> Iterator[SegmentationRecord | BadSampleError]:
+    """The records, and the [`BadSampleError`] of each sample that cannot be read (iterating a `RecordSequence`
+    or `IterableRecords` would only warn about those), so that every sample is scored or counted."""
+    if isinstance(records, RecordSequence):
+        for index in range(len(records)):
+            try:
+                yield records[index]
+            except BadSampleError as error:
+                yield error
+    elif hasattr(records, "iter_samples"):
+        yield from records.iter_samples()
+    else:
+        yield from records
+
+
+def _skip_reason(record: SegmentationRecord, skipped: int) -> str:
+    if not record.num_instances:
+        return "the mask has no foreground pixel (no object to score)"
+    return f"{skipped} of its {record.num_instances} instances have no foreground pixel (no box to prompt)"
 
 
 def _batches(items: Iterable[_Item], batch_size: int) -> Iterator[list[_Item]]:
@@ -210,7 +232,8 @@ def evaluate_model(
 
     Returns:
         [`SegmentationMetrics`]: one row per scored object (`instance` is its index among the record's instances);
-        `skipped` counts instances without foreground (and records with an empty mask).
+        `skipped` counts instances without foreground, records with an empty mask and samples that cannot be read
+        (one each), and `skipped_samples` says why for each image.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; use 1 or more images per forward pass.")
@@ -225,10 +248,16 @@ def evaluate_model(
     metrics = SegmentationMetrics()
 
     def items() -> Iterator[_Item]:
-        for record in records:
-            item, skipped = _prepare(record, record.subset if subset is None else subset, squash_size)
-            metrics.skipped += skipped
+        for record in _samples(records):
             bar.update(1)
+            if isinstance(record, BadSampleError):
+                # An unreadable file, or a mask that does not fit its image: its objects are unknown, count one.
+                metrics.skip(record.name, record.reason, subset="" if subset is None else subset)
+                continue
+            record_subset = record.subset if subset is None else subset
+            item, skipped = _prepare(record, record_subset, squash_size)
+            if skipped:
+                metrics.skip(record.name, _skip_reason(record, skipped), subset=record_subset, count=skipped)
             if item is not None:
                 yield item
 

@@ -126,8 +126,11 @@ class SegmentationMetrics:
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
-    # Ground-truth instances without any foreground pixel: no box can be drawn around them, so they are not scored.
+    # Objects not scored: ground-truth instances without any foreground pixel (no box can be drawn around them),
+    # and images whose files cannot be read (one each).
     skipped: int = 0
+    # Why: one `{"subset", "image", "count", "reason"}` per image with skipped objects (see `skip`).
+    skipped_samples: list[dict[str, Any]] = field(default_factory=list)
 
     COLUMNS = ("subset", "image", "instance", "iou", "boundary_iou")
 
@@ -140,6 +143,11 @@ class SegmentationMetrics:
             {"subset": subset, "image": image, "instance": int(instance), "iou": float(iou),
              "boundary_iou": float(boundary_iou)}
         )
+
+    def skip(self, image: str, reason: str, subset: str = "", count: int = 1) -> None:
+        """Count `count` objects of `image` as not scored, and say why (the table and `to_dict` list them)."""
+        self.skipped += count
+        self.skipped_samples.append({"subset": subset, "image": image, "count": int(count), "reason": reason})
 
     def add_masks(
         self,
@@ -192,12 +200,14 @@ class SegmentationMetrics:
         return {key: float(np.mean([m[key] for m in means])) for key in ("mean_iou", "mean_boundary_iou")}
 
     def to_dict(self) -> dict[str, Any]:
-        """Summary and rows: `{"average", "subsets", "num_scored", "num_skipped", "rows"}`."""
+        """Summary and rows: `{"average", "subsets", "num_scored", "num_skipped", "skipped", "rows"}` (`skipped`:
+        the images with objects not scored, and why)."""
         return {
             "average": self.mean_of_means(),
             "subsets": self.subset_means(),
             "num_scored": len(self.rows),
             "num_skipped": self.skipped,
+            "skipped": list(self.skipped_samples),
             "rows": list(self.rows),
         }
 
@@ -222,7 +232,7 @@ class SegmentationMetrics:
         """The per-subset means and their average as a fixed-width text table, scores in percent."""
         means = self.subset_means()
         if not means:
-            return f"no object scored ({self.skipped} instances without foreground skipped)"
+            return f"no object scored ({self._skipped_text()})" + self._skipped_lines()
         names = [subset or "(all)" for subset in means] + ["Average"]
         width = max(len(name) for name in names + ["Subset"])
         lines = [f"{'Subset':<{width}}  {'Objects':>7}  {'mIoU':>6}  {'mBIoU':>6}"]
@@ -238,8 +248,21 @@ class SegmentationMetrics:
             f"{100 * average['mean_boundary_iou']:>6.2f}"
         )
         if self.skipped:
-            lines.append(f"({self.skipped} instances without foreground skipped)")
-        return "\n".join(lines)
+            lines.append(f"({self._skipped_text()})")
+        return "\n".join(lines) + self._skipped_lines()
+
+    def _skipped_text(self) -> str:
+        if self.skipped_samples:
+            images = len(self.skipped_samples)
+            return f"{self.skipped} objects skipped, in {images} image{'s' if images > 1 else ''}:"
+        return f"{self.skipped} instances without foreground skipped"
+
+    def _skipped_lines(self) -> str:
+        return "".join(
+            f"\n  {sample['image']}: {sample['reason']}"
+            + (f" ({sample['count']} objects)" if sample["count"] != 1 else "")
+            for sample in self.skipped_samples
+        )
 
 
 def load_evaluate_metric(**kwargs) -> "evaluate.EvaluationModule":  # noqa: F821 - imported lazily

@@ -1237,9 +1237,17 @@ class PASamModel(SamModel):
                 )
             adapter_config = {**saved_settings, **(adapter_config or {})}
         config = PASamConfig.from_sam_config(sam_config, **(adapter_config or {}))
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
-        )
+        # transformers' load report would list every adapter tensor as MISSING ("newly initialized"), also when
+        # `adapter` then loads them: the checks below replace it (any other missing or unexpected key raises).
+        report_logger = logging.get_logger("transformers.modeling_utils")
+        report_level = report_logger.level
+        report_logger.setLevel(logging.ERROR)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, config=config, output_loading_info=True, **kwargs
+            )
+        finally:
+            report_logger.setLevel(report_level)
         adapter_keys = set(model.adapter_state_dict_keys())
         missing = set(info["missing_keys"])
         unexpected = set(info["unexpected_keys"]) | set(info.get("mismatched_keys", []))

@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from transformers.utils import logging as transformers_logging
+
+    # transformers' own bars ("Loading weights", "Writing model shards") say nothing a command's user needs; the
+    # commands show their own progress. Hub downloads keep huggingface_hub's bars.
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -90,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
+    finally:
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 __all__ = ["CLIError", "build_parser", "main"]

@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--label-interpolation", choices=("bilinear", "nearest"), default="bilinear",
         help="bilinear (release): soft labels; nearest: hard 0/1 labels (train with the same flag)",
     )
+    parser.add_argument("--resize-masks", action="store_true",
+                        help="resize masks whose size differs from their image's (nearest neighbour)")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.1,
+                        help="stop when more than this fraction of the samples cannot be used (default 0.1, as "
+                             "pasam train)")
     parser.set_defaults(func=run)
 
 
@@ -46,23 +51,35 @@ def _cuda() -> bool:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_records_from_flags
+    from ..data import DataQualityError, load_records_from_flags
     from ..loading import load_model_and_processor
-    from ..training.cache import build_embedding_cache
+    from ..training.cache import EmbeddingCacheDataset, build_embedding_cache
+    from . import CLIError
 
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise CLIError(f"--max-bad-fraction must be between 0 and 1 (got {args.max_bad_fraction}).")
     model, processor = load_model_and_processor(args.model, device=args.device)
     records = load_records_from_flags(args, args.data, split=args.split)
-    path = build_embedding_cache(
-        model,
-        processor,
-        records,
-        args.out,
-        views_per_image=args.views,
-        augment=args.augment,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=getattr(torch, args.dtype),
-        label_interpolation=args.label_interpolation,
-    )
+    try:
+        path = build_embedding_cache(
+            model,
+            processor,
+            records,
+            args.out,
+            views_per_image=args.views,
+            augment=args.augment,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            dtype=getattr(torch, args.dtype),
+            label_interpolation=args.label_interpolation,
+            max_bad_fraction=args.max_bad_fraction,
+        )
+    except DataQualityError as error:
+        raise CLIError(str(error)) from error
+    cache = EmbeddingCacheDataset(path)
+    if cache.bad_samples:
+        print(f"skipped {len(cache.bad_samples)} of {cache.num_records} samples that could not be used (not cached):")
+        for sample in cache.bad_samples:
+            print(f"  {sample['name']}: {sample['reason']}")
     print(f"embedding cache written to {path}; train with: pasam train --embedding-cache {path} --model {args.model}")
     return 0

@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="label-map value to ignore (default 255; -1: none)")
     parser.add_argument("--instance-mode", choices=("binary", "split"), default="binary",
                         help="binary: all object values are one object; split: one object per label value")
+    parser.add_argument("--resize-masks", action="store_true",
+                        help="resize masks whose size differs from their image's (nearest neighbour)")
     parser.add_argument("--subset", help="subset name for every image (default: each image's sub-folder)")
     add_model_arguments(parser)
     parser.add_argument("--squash", action="store_true",
@@ -56,11 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_data(data: str) -> None:
-    """A path that cannot be a Hub id (`name` or `owner/name`) must exist: say so before datasets tries the Hub."""
+    """A file is no data source (a missing path is told from a Hub id by `load_records`)."""
     path = Path(data).expanduser()
-    looks_local = data.startswith((".", "/", "~")) or data.count("/") > 1 or "\\" in data
-    if looks_local and not path.exists():
-        raise CLIError(f"--data {data} does not exist; give a folder of images and masks or a dataset id.")
     if path.exists() and not path.is_dir():
         raise CLIError(f"--data {data} is a file; give a folder (images/ + masks/) or a datasets directory.")
 
@@ -90,8 +89,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     if not len(metrics):
+        reasons = "; ".join(f"{sample['image']}: {sample['reason']}" for sample in metrics.skipped_samples[:3])
+        more = f" and {len(metrics.skipped_samples) - 3} more" if len(metrics.skipped_samples) > 3 else ""
         raise CLIError(
-            f"no object to score in --data {args.data}: {metrics.skipped} masks have no foreground. Check "
+            f"no object to score in --data {args.data}: {metrics.skipped} skipped ({reasons}{more}). Check "
             "--mask-column, --void-value and that masks mark objects with non-zero values."
         )
     print(metrics.summary_table())

@@ -46,6 +46,24 @@ class MaskDecodeError(ValueError):
     """A mask cannot be read or does not fit its image."""
 
 
+class MaskSizeError(MaskDecodeError):
+    """A mask whose size differs from its image's; `option` is how the message names the setting that resizes it
+    (`resize_masks=True` in Python, `--resize-masks` on the `pasam` command line)."""
+
+    def __init__(
+        self, name: str, mask_size: tuple[int, int], image_size: tuple[int, int], option: str = "resize_masks=True"
+    ):
+        self.name, self.mask_size, self.image_size = name, mask_size, image_size
+        super().__init__(
+            f"{name} is {mask_size[0]}x{mask_size[1]} (WxH) but its image is {image_size[0]}x{image_size[1]}; fix "
+            f"the mask, or pass {option} to resize masks to their image (nearest neighbour)."
+        )
+
+    def naming(self, option: str) -> MaskSizeError:
+        """The same error, its message naming `option`."""
+        return MaskSizeError(self.name, self.mask_size, self.image_size, option)
+
+
 def load_mask_array(mask: Any, name: str = "mask") -> np.ndarray:
     """Read a mask of any kind as a 2-D array, keeping palette indices and the raw values of wide modes.
 
@@ -221,10 +239,7 @@ def decode_mask(
         width, height = image_size
         if array.shape != (height, width):
             if not resize_masks:
-                raise MaskDecodeError(
-                    f"{name} is {array.shape[1]}x{array.shape[0]} (WxH) but its image is {width}x{height}; fix the "
-                    "mask, or pass resize_masks=True to resize masks to their image (nearest neighbour)."
-                )
+                raise MaskSizeError(name, (array.shape[1], array.shape[0]), (width, height))
             array = resize_mask_nearest(array, (height, width))
 
     kind = detect_mask_format(array, void_value, is_palette) if mask_format == "auto" else mask_format
@@ -291,6 +306,7 @@ __all__ = [
     "INSTANCE_MODES",
     "MASK_FORMATS",
     "MaskDecodeError",
+    "MaskSizeError",
     "decode_mask",
     "detect_mask_format",
     "load_mask_array",

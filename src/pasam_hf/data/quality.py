@@ -87,8 +87,9 @@ class BadSampleTracker:
         return (
             f"{bad} of {seen} training samples ({bad / max(seen, 1):.1%}) could not be used ({kinds}), more than the "
             f"allowed max_bad_fraction={self.max_fraction:g} ({self.max_fraction:.0%}). First: {shown}{more}. Fix or "
-            "remove these files (check the mask folder / columns and void_value), or allow more with "
-            "--max-bad-fraction (BadSampleTracker(max_fraction=...))."
+            "remove these files (check the mask folder, the image and mask columns and the void value), or allow "
+            "more with --max-bad-fraction (in Python: max_bad_fraction=... of TrainingArguments or "
+            "build_embedding_cache, max_fraction=... of BadSampleTracker)."
         )
 
     def _by_kind(self) -> Counter:

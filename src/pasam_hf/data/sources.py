@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 
 from ..validation import to_rgb_uint8
-from .masks import InstanceMode, MaskFormat, decode_mask, open_image_source
+from .masks import InstanceMode, MaskFormat, MaskSizeError, decode_mask, open_image_source
 from .records import SegmentationRecord
 
 LAYOUT_PRESETS = {"images-masks": ("images", "masks"), "im-gt": ("im", "gt")}
@@ -66,6 +66,8 @@ class DecodeOptions:
     void_value: int | None = 255
     instance_mode: InstanceMode = "binary"
     resize_masks: bool = False
+    # Messages name the `pasam` command line's flags (load_records_from_flags) rather than Python arguments.
+    cli: bool = False
 
     def decode(self, name: str, image: Any, mask: Any, subset: str = "") -> SegmentationRecord:
         """Decode one image/mask pair; any failure becomes a [`BadSampleError`] naming the sample (and its file)."""
@@ -88,6 +90,9 @@ class DecodeOptions:
                 resize_masks=self.resize_masks,
                 name=mask_name,
             )
+        except MaskSizeError as error:
+            option = "--resize-masks" if self.cli else "resize_masks=True"
+            raise BadSampleError(name, str(error.naming(option)), "mask") from error
         except Exception as error:  # noqa: BLE001 - as above
             raise BadSampleError(name, str(error), "mask") from error
         return SegmentationRecord(name=name, image=pil_image, instances=instances, subset=subset)
@@ -343,42 +348,75 @@ def _column_names(dataset: Any) -> list[str] | None:
     return names
 
 
-def _check_columns(dataset: Any, image_column: str, mask_column: str) -> None:
+def _check_columns(dataset: Any, image_column: str, mask_column: str, cli: bool = False) -> None:
     names = _column_names(dataset)
     if names is None:  # a streamed dataset without known features: look at the first row
         first = next(iter(dataset), None)
         names = list(first) if first is not None else []
     missing = [column for column in (image_column, mask_column) if column not in names]
     if missing:
+        options = "--image-column and --mask-column" if cli else "image_column=... and mask_column=..."
         raise ValueError(
             f"column(s) {', '.join(map(repr, missing))} not in the dataset; its columns are {names}. Pass "
-            "image_column=... and mask_column=... naming the image and mask columns."
+            f"{options} naming the image and mask columns."
         )
 
 
-def _select_split(dataset: Any, split: str) -> Any:
+def _select_split(dataset: Any, split: str, cli: bool = False) -> Any:
     import datasets
 
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split not in dataset:
-            raise ValueError(f"split={split!r} not in the dataset; its splits are {list(dataset)}.")
+            given = f"--split {split}" if cli else f"split={split!r}"
+            raise ValueError(f"{given} not in the dataset; its splits are {list(dataset)}.")
         return dataset[split]
     return dataset
 
 
 def _looks_local(source: str | os.PathLike) -> bool:
-    """Whether `source` can only be a local path (a Hub id is `name` or `namespace/name`), so that a missing
-    folder is reported as such instead of being looked up on the Hub."""
+    """Whether `source` can only be a local path, so that a missing folder is reported as such instead of being
+    looked up on the Hub: a Hub id is `name` or `namespace/name`, so a path object, a path starting with `.`, `/`
+    or `~`, with two slashes or more, a backslash or a trailing slash is local, and so is `a/b` when `a` exists
+    here (`my_data/train` next to `my_data/`)."""
     text = os.fspath(source)
     return (
         isinstance(source, os.PathLike)
         or text.startswith((".", "/", "~"))
         or text.count("/") > 1
         or "\\" in text
+        or text.endswith("/")
+        or ("/" in text and Path(text.split("/")[0]).exists())
     )
 
 
-def _open_dataset(source: str | os.PathLike, split: str, streaming: bool) -> Any:
+def _neither_here_nor_on_the_hub(source: str, reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{source!r} is neither a local folder (there is no {str(Path(source).absolute())!r}) nor a dataset on the "
+        f"Hub ({reason}). Check the path (a folder with images/ + masks/ or im/ + gt/, or a save_to_disk "
+        "directory), or the Hub dataset id."
+    )
+
+
+def _check_hub_reachable(source: str) -> None:
+    """Fail fast when a Hub-id-shaped `source` that is no local path cannot be looked up on the Hub: one request
+    without retries, where `datasets.load_dataset` would retry for about half a minute before giving up."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if huggingface_hub.is_offline_mode():
+        return  # datasets looks in its cache only, and says so at once
+    try:
+        huggingface_hub.HfApi().dataset_info(source, timeout=10)
+    except HfHubHTTPError:
+        return  # the Hub answered (not found, private, gated...): datasets gives the precise error at once
+    except Exception as error:  # noqa: BLE001 - no answer at all: DNS, refused connection, timeout, proxy
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise _neither_here_nor_on_the_hub(
+            source, f"the Hub could not be reached to look for it: {type(error).__name__}: {reason}"
+        ) from error
+
+
+def _open_dataset(source: str | os.PathLike, split: str, streaming: bool, cli: bool = False) -> Any:
     import datasets
 
     path = Path(source).expanduser()
@@ -387,19 +425,26 @@ def _open_dataset(source: str | os.PathLike, split: str, streaming: bool) -> Any
             f"data folder {os.fspath(source)!r} does not exist; check the path (a folder with images/ + masks/ or "
             "im/ + gt/, a save_to_disk directory, or a Hub dataset id such as 'user/name')."
         )
+    if not path.exists():
+        _check_hub_reachable(str(source))
     if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        dataset = _select_split(datasets.load_from_disk(str(path)), split)
+        dataset = _select_split(datasets.load_from_disk(str(path)), split, cli)
         return dataset.to_iterable_dataset() if streaming and isinstance(dataset, datasets.Dataset) else dataset
     try:
         return datasets.load_dataset(str(source), split=split, streaming=streaming)
     except FileNotFoundError as error:
+        if not path.exists():
+            raise _neither_here_nor_on_the_hub(str(source), " ".join(str(error).split())) from error
         raise FileNotFoundError(
             f"{str(source)!r} is neither a folder of images and masks nor a dataset datasets.load_dataset can "
             f"find ({error}); pass an existing folder, a save_to_disk directory or a Hub dataset id."
         ) from error
+    except ConnectionError as error:  # offline mode, or the Hub went away after the check above
+        raise _neither_here_nor_on_the_hub(str(source), " ".join(str(error).split())) from error
     except ValueError as error:
         if "split" in str(error).lower() or "Unknown split" in str(error):
-            raise ValueError(f"split={split!r} is not a split of {str(source)!r} ({error}).") from error
+            given = f"--split {split}" if cli else f"split={split!r}"
+            raise ValueError(f"{given} is not a split of {str(source)!r} ({error}).") from error
         raise
 
 
@@ -439,24 +484,36 @@ def load_records(
     Returns:
         A [`RecordSequence`] (random access) or, for streamed sources, an [`IterableRecords`].
     """
+    options = DecodeOptions(mask_format, void_value, instance_mode, resize_masks)
+    return _load_records(source, options, split, image_column, mask_column, layout, streaming)
+
+
+def _load_records(
+    source: Any,
+    options: DecodeOptions,
+    split: str,
+    image_column: str,
+    mask_column: str,
+    layout: Layout,
+    streaming: bool,
+) -> RecordSequence | IterableRecords:
     import datasets
 
-    options = DecodeOptions(mask_format, void_value, instance_mode, resize_masks)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir() and _looks_like_folder_layout(path, layout):
             return FolderRecords(find_folder_pairs(path, layout), options, path)
         if isinstance(layout, tuple) or layout != "auto":
             find_folder_pairs(path, layout)  # raises the folder error the user asked for
-        source = _open_dataset(source, split, streaming)
-    source = _select_split(source, split)
+        source = _open_dataset(source, split, streaming, options.cli)
+    source = _select_split(source, split, options.cli)
     if isinstance(source, datasets.Dataset):
-        _check_columns(source, image_column, mask_column)
+        _check_columns(source, image_column, mask_column, options.cli)
         if streaming:
             return IterableRecords(source.to_iterable_dataset(), image_column, mask_column, options, split)
         return DatasetRecords(source, image_column, mask_column, options, split)
     if isinstance(source, datasets.IterableDataset):
-        _check_columns(source, image_column, mask_column)
+        _check_columns(source, image_column, mask_column, options.cli)
         return IterableRecords(source, image_column, mask_column, options, split)
     raise TypeError(
         f"source is a {type(source).__name__}; pass a folder path, a datasets.Dataset / IterableDataset (or a dict "
@@ -479,18 +536,16 @@ def load_record_sequence(source: Any, **kwargs: Any) -> RecordSequence:
 
 def load_records_from_flags(flags: Any, data: str, split: str = "train", streaming: bool = False):
     """[`load_records`] with the decoding settings the `pasam` commands share: `flags` is an argparse namespace or
-    [`TrainingArguments`] with `image_column`, `mask_column`, `void_value` (a negative value: no void label) and
-    `instance_mode`."""
+    [`TrainingArguments`] with `image_column`, `mask_column`, `void_value` (a negative value: no void label),
+    `instance_mode` and `resize_masks`. Error messages and bad-sample reasons name the command-line flags."""
     void_value = flags.void_value
-    return load_records(
-        data,
-        split=split,
-        image_column=flags.image_column,
-        mask_column=flags.mask_column,
+    options = DecodeOptions(
         void_value=None if void_value is not None and void_value < 0 else void_value,
         instance_mode=flags.instance_mode,
-        streaming=streaming,
+        resize_masks=getattr(flags, "resize_masks", False),
+        cli=True,
     )
+    return _load_records(data, options, split, flags.image_column, flags.mask_column, "auto", streaming)
 
 
 def as_record_sequence(records: Sequence[SegmentationRecord] | RecordSequence) -> RecordSequence:

@@ -27,6 +27,7 @@ class TrainingArguments:
     mask_column: str = "mask"
     void_value: int = 255
     instance_mode: str = "binary"
+    resize_masks: bool = False
     streaming: bool = False
     steps_per_epoch: int | None = None
     embedding_cache: str | None = None
@@ -144,6 +145,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     data.add_argument("--image-column", default=default("image_column"))
     data.add_argument("--mask-column", default=default("mask_column"))
     data.add_argument("--void-value", type=int, default=default("void_value"), help="mask value to ignore")
+    data.add_argument("--resize-masks", action="store_true",
+                      help="resize masks whose size differs from their image's (nearest neighbour)")
     data.add_argument(
         "--instance-mode", choices=("binary", "split"), default=default("instance_mode"),
         help="binary: all non-zero mask values are one object; split: each value is an instance",

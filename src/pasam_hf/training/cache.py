@@ -4,8 +4,8 @@ training step's compute with ViT-B, more with ViT-L/H) from every step.
 
 Layout of a cache directory:
 
-- `cache.json`: format version, the encoder fingerprint, input sizes, and one entry per view (`name`, `view`,
-  `shard`, `key`);
+- `cache.json`: format version, the encoder fingerprint, input sizes, the number of records and the bad samples
+  left out (`bad_samples`: `name`, `kind`, `reason`), and one entry per view (`name`, `view`, `shard`, `key`);
 - `shard_00000.safetensors`, ...: per view `<key>.image_embeddings` `(C, h, w)` (float16 by default),
   `<key>.adapter_pixel_values` `(4, A, A)` and `<key>.labels` `(K, S, S)`: the dataset's soft labels (values in
   [0, 1], 255 ignored) as float16, or its hard uint8 labels (1 foreground, 0 background, 255 ignored).
@@ -65,6 +65,7 @@ def build_embedding_cache(
     batch_size: int = 4,
     shard_size: int = 64,
     dtype: torch.dtype = torch.float16,
+    max_bad_fraction: float = 0.1,
     progress: bool = True,
     label_interpolation: str = "bilinear",
 ) -> Path:
@@ -76,10 +77,14 @@ def build_embedding_cache(
     `label_interpolation` is the dataset's (`"bilinear"`: the release's soft labels; `"nearest"`: hard labels); the
     cache records it, and a run asking for the other kind is refused.
 
+    Samples that cannot be used (unreadable file, mask without foreground...) are left out and listed with their
+    reason in `cache.json` (`bad_samples`, read back by [`EmbeddingCacheDataset.bad_samples`]); the rule of
+    training applies: more than `max_bad_fraction` of them raises [`DataQualityError`] and writes no cache.
+
     Returns:
         `Path` of the cache directory.
     """
-    from ..data import PASamTrainingDataset
+    from ..data import BadSampleTracker, DataQualityError, PASamTrainingDataset, is_bad_sample
 
     if views_per_image < 1:
         raise ValueError(f"views_per_image must be >= 1, got {views_per_image}.")
@@ -97,7 +102,8 @@ def build_embedding_cache(
     )
     entries: list[dict] = []
     shard: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
+    # Bad samples are the same in every view (an empty crop falls back to the un-augmented geometry): count view 0.
+    bad_samples = BadSampleTracker(max_fraction=max_bad_fraction)
     bar = tqdm(total=views_per_image * len(dataset), disable=not progress, desc="caching embeddings", unit="view")
 
     def flush() -> None:
@@ -110,12 +116,21 @@ def build_embedding_cache(
         dataset.set_epoch(view)
         for start in range(0, len(dataset), batch_size):
             items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
-            good = []
-            for item in items:
-                if "labels" in item and "pixel_values" in item:
-                    good.append(item)
-                else:
-                    skipped.append(str(item.get("name")))
+            good = [item for item in items if not is_bad_sample(item)]
+            if view == 0:
+                bad = [item for item in items if is_bad_sample(item)]
+                bad_samples.add({
+                    "names": [item["name"] for item in good],
+                    "skipped": [item["name"] for item in bad],
+                    "skipped_details": [
+                        {"name": item["name"], "kind": item["bad_kind"], "reason": item["bad_sample"]} for item in bad
+                    ],
+                })
+                # As in training: checked once enough samples were seen, exactly at the end of the pass.
+                if bad_samples.exceeds(complete=start + batch_size >= len(dataset)):
+                    bar.close()
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise DataQualityError(bad_samples.message())
             bar.update(len(items))
             if not good:
                 continue
@@ -147,7 +162,8 @@ def build_embedding_cache(
         "augment": augment,
         "label_interpolation": label_interpolation,
         "dtype": str(dtype).removeprefix("torch."),
-        "skipped": skipped,
+        "num_records": len(dataset),
+        "bad_samples": bad_samples.details,
         "entries": entries,
     }
     (staging / INDEX_FILE).write_text(json.dumps(index))
@@ -242,6 +258,24 @@ class EmbeddingCacheDataset(Dataset):
         state = self.__dict__.copy()
         state["_handles"] = {}
         return state
+
+    @property
+    def bad_samples(self) -> list[dict[str, str]]:
+        """The samples left out of the cache because they could not be used: `[{"name", "kind", "reason"}]`."""
+        if "bad_samples" in self.index:
+            return list(self.index["bad_samples"])
+        # Caches of earlier versions kept the names only, once per view.
+        return [
+            {"name": name, "kind": "unknown", "reason": "left out of the cache"}
+            for name in dict.fromkeys(self.index.get("skipped", []))
+        ]
+
+    @property
+    def num_records(self) -> int:
+        """How many samples the cached data held, the bad ones included."""
+        if "num_records" in self.index:
+            return int(self.index["num_records"])
+        return len({entry["name"] for entry in self.entries}) + len(self.bad_samples)
 
 
 __all__ = ["EmbeddingCacheDataset", "EmbeddingCacheError", "build_embedding_cache", "encoder_fingerprint"]

@@ -42,6 +42,7 @@ from ..data import (
     PASamIterableTrainingDataset,
     PASamTrainingDataset,
     PromptSimulator,
+    is_bad_sample,
     load_records_from_flags,
 )
 from ..loading import load_model_and_processor
@@ -52,6 +53,8 @@ from .checkpointing import CheckpointManager, TrainerState
 
 logger = logging.getLogger(__name__)
 
+# What `--push-to-hub` leaves out of the upload of the output directory.
+HUB_IGNORE_PATTERNS = ("checkpoints/*", "logs/*")
 # Model inputs a training batch may carry; everything else in a batch (names, skipped samples) is bookkeeping.
 MODEL_INPUTS = ("adapter_pixel_values", "input_boxes", "input_points", "input_labels", "input_masks", "labels")
 
@@ -264,8 +267,24 @@ def train(
     """Fine-tune PA-SAM as configured by `args` and save the result in `args.output_dir`.
 
     `model`, `processor` and `train_records` / `eval_records` (iterables of `SegmentationRecord`) may be given
-    directly instead of `args.model` / `args.data` / `args.eval_data` (the offline demo does).
+    directly instead of `args.model` / `args.data` / `args.eval_data` (the offline demo does). A run that fails
+    before saving a checkpoint takes back what it created in `args.output_dir` (the directory itself, its logs).
     """
+    run_directory = _RunDirectory(Path(args.output_dir))
+    try:
+        return _train(args, model, processor, train_records, eval_records)
+    except BaseException:
+        run_directory.clean_up()
+        raise
+
+
+def _train(
+    args: TrainingArguments,
+    model: PASamModel | None,
+    processor: PASamProcessor | None,
+    train_records: Iterable | None,
+    eval_records: Iterable | None,
+) -> TrainingResult:
     output_dir = Path(args.output_dir)
     # ---------------------------------------------------------------------------------------------------------
     # 1. Accelerator: devices, processes, mixed precision, gradient accumulation, trackers.
@@ -324,7 +343,10 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     if model is None:
         if args.model is None:
-            raise ValueError("no model to fine-tune: pass --model (a PA-SAM or SAM checkpoint, Hub id or directory).")
+            raise ValueError(
+                "no model to fine-tune: pass train(model=...), or TrainingArguments(model=...) with a PA-SAM or SAM "
+                "checkpoint (Hub id or directory)."
+            )
         model, processor = load_model_and_processor(args.model)
     elif processor is None:
         processor = PASamProcessor.from_model_config(model.config)
@@ -417,6 +439,8 @@ def train(
         accelerator.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
     result = TrainingResult(global_step=state.global_step, epochs_completed=state.epoch, output_dir=str(output_dir))
     stream = _StreamReader(accelerator, dataloader, dataset, state) if streamed else None
+    if args.embedding_cache is not None:
+        _report_cached_bad_samples(accelerator, dataset, bad_samples, result)
 
     # ---------------------------------------------------------------------------------------------------------
     # 6. Train.
@@ -468,7 +492,7 @@ def train(
                 # re-seed it per batch so a resumed run draws exactly the noise of an uninterrupted one.
                 torch.manual_seed(seed ^ 0x5DEECE66D)
                 batch = collator(items)
-                bad_samples.add(batch)
+                bad_samples.add(_counted_samples(accelerator, items, args.batch_size))
                 _check_data_quality(accelerator, bad_samples)
                 outcome, loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
                 if outcome != "ok" and accelerator.sync_gradients:
@@ -670,6 +694,73 @@ def _training_step(
     return "ok", loss.detach()
 
 
+def _counted_samples(accelerator: Accelerator, items: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """The names and bad samples of this process's `items` that count for the bad-sample report.
+
+    With several processes Accelerate evens out the epoch's last batches by repeating the epoch's first samples
+    (`even_batches`); those copies are trained on again but are not new samples, so they are not counted (a bad
+    one would be reported twice). In the last batch, the first `remainder` samples in process order are real.
+    """
+    state = accelerator.gradient_state
+    if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+        items = items[: max(0, min(len(items), state.remainder - accelerator.process_index * batch_size))]
+    bad = [item for item in items if is_bad_sample(item)]
+    return {
+        "names": [item["name"] for item in items if not is_bad_sample(item)],
+        "skipped": [item["name"] for item in bad],
+        "skipped_details": [
+            {"name": item["name"], "kind": item.get("bad_kind", "unreadable"), "reason": item["bad_sample"]}
+            for item in bad
+        ],
+    }
+
+
+def _report_cached_bad_samples(
+    accelerator: Accelerator, cache: Any, tracker: BadSampleTracker, result: TrainingResult
+) -> None:
+    """Samples `pasam cache` could not use are not in the embedding cache: report them as a run on the data
+    would, and stop if there are too many under this run's --max-bad-fraction."""
+    samples, total = cache.bad_samples, cache.num_records
+    if not samples:
+        return
+    _record_bad_samples(result, samples)
+    shown = ", ".join(f"{sample['name']} ({sample['reason']})" for sample in samples[:10])
+    more = f" and {len(samples) - 10} more" if len(samples) > 10 else ""
+    accelerator.print(
+        f"the embedding cache {cache.cache_dir} left out {len(samples)} of {total} samples that could not be used: "
+        f"{shown}{more}"
+    )
+    if tracker.exceeds(total, len(samples), complete=True):
+        raise DataQualityError(tracker.message(total, samples))
+
+
+class _RunDirectory:
+    """What a run adds to its output directory, taken back when the run fails before keeping anything (no
+    checkpoint, no model): a failed first run would otherwise leave a folder holding only TensorBoard logs. What
+    existed before the run is never touched."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.existed = output_dir.exists()
+        self.logs_existed = (output_dir / "logs").exists()
+
+    def clean_up(self) -> None:
+        if os.environ.get("RANK", "0") != "0" or not self.output_dir.is_dir():
+            return  # one process cleans up; the others see the same directory
+        checkpoints = self.output_dir / "checkpoints"
+        kept = (self.output_dir / "model.safetensors").exists() or (
+            checkpoints.is_dir() and any(not path.name.startswith(".") for path in checkpoints.iterdir())
+        )
+        if kept:
+            return
+        import shutil
+
+        if not self.existed:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+        elif not self.logs_existed:
+            shutil.rmtree(self.output_dir / "logs", ignore_errors=True)
+
+
 def _check_data_quality(accelerator: Accelerator, tracker: BadSampleTracker, epoch_complete: bool = False) -> None:
     """Raise [`DataQualityError`] on every process when the bad fraction over all processes is too high.
 
@@ -738,6 +829,8 @@ def _evaluate(accelerator, model, processor, args, eval_records, state, label: s
 
 def _push_to_hub(output_dir: Path, args: TrainingArguments) -> None:
     """Upload the saved model, processor and adapter (not the checkpoints or logs) to `args.push_to_hub`."""
+    import shlex
+
     from huggingface_hub import HfApi
 
     try:
@@ -749,17 +842,22 @@ def _push_to_hub(output_dir: Path, args: TrainingArguments) -> None:
             repo_id=args.push_to_hub,
             folder_path=str(output_dir),
             revision=args.hub_revision,
-            ignore_patterns=["checkpoints/*", "logs/*"],
+            ignore_patterns=list(HUB_IGNORE_PATTERNS),
             commit_message="Upload PA-SAM fine-tuned with pasam-hf",
         )
     except Exception as error:  # noqa: BLE001 - network, auth and permission errors all leave the same remedy
         reason = " ".join(str(error).split()) or type(error).__name__
-        revision = f" --revision {args.hub_revision}" if args.hub_revision else ""
+        command = ["hf", "upload", args.push_to_hub, str(output_dir)]
+        if args.hub_revision:
+            command += ["--revision", args.hub_revision]
+        if args.hub_private:
+            command.append("--private")
+        for pattern in HUB_IGNORE_PATTERNS:  # `hf upload` takes one pattern per --exclude
+            command += ["--exclude", pattern]
         raise HubUploadError(
             f"the model was trained and saved in {output_dir}, but uploading it to the Hub repository "
             f"{args.push_to_hub!r} failed ({type(error).__name__}: {reason}). Check the network and your token "
-            f"(`hf auth login`), then upload it with `hf upload {args.push_to_hub} {output_dir}{revision} "
-            "--exclude 'checkpoints/*' 'logs/*'`."
+            f"(`hf auth login`), then upload it with `{shlex.join(command)}`."
         ) from error
     print(f"uploaded to {url}")
 

@@ -38,6 +38,8 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (`List[ndarray]`): one binary mask `(H, W)` per object (bool or 0/1), at the reference's size.
     references (`List[ndarray]`): the ground-truth masks `(H, W)`: 1 foreground, 0 background, `ignore_index` void.
+        A reference with void pixels but no foreground is refused (a 0/255 mask would otherwise be all void and
+        score 1 whatever the prediction): pass `(mask > 127)` for 0/255 masks.
     subsets (`List[str]`, *optional*): the subset (dataset) of each object; all objects form one subset when omitted.
     ignore_index (`int`, *optional*, defaults to 255): reference value of void pixels; `None` when there are none.
     dilation_ratio (`float`, *optional*, defaults to 0.02): boundary band width as a fraction of the image diagonal.
@@ -85,6 +87,15 @@ class PasamSegmentation(evaluate.Metric):
             ignore = None
             if ignore_index is not None:
                 ignore = reference == ignore_index
+                if ignore.any() and not (reference == 1).any():
+                    # A 0/255 mask read as 0 background / 255 void: every object pixel would be ignored and any
+                    # prediction would score 1.
+                    raise ValueError(
+                        f"references[{index}] holds no foreground (1) but {int(ignore.sum())} pixels of "
+                        f"ignore_index={ignore_index} (void), so any prediction would score 1: a 0/255 mask? "
+                        "References are 1 foreground, 0 background, ignore_index void: pass (mask > 127) for a "
+                        "0/255 mask."
+                    )
                 reference = np.where(ignore, 0, reference)
             metrics.add_masks(
                 f"object {index}",
