@@ -27,7 +27,7 @@ from transformers.models.sam.modeling_sam import (
     SamTwoWayTransformer,
     SamVisionEncoder,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, local_torch_dtype
 from transformers.models.sam.modeling_sam import eager_attention_forward
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, logging
@@ -889,13 +889,20 @@ class PASamModel(SamModel):
     def __init__(self, config: PASamConfig):
         # SamModel.__init__ would build a plain SamMaskDecoder first; build the same modules with ours instead.
         SamPreTrainedModel.__init__(self, config)
-        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        keep_fp32 = getattr(config, "decoder_in_fp32", True)
+        # With config.decoder_in_fp32 the prompt side is created in float32 whatever the default dtype: a model
+        # built in a low dtype (`AutoModel.from_config(config, dtype=torch.bfloat16)`, `_from_config`) then has
+        # the same dtypes as one loaded with `from_pretrained(..., dtype=torch.bfloat16)`.
+        prompt_side_dtype = torch.float32 if keep_fp32 else torch.get_default_dtype()
+        with local_torch_dtype(prompt_side_dtype):
+            self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = SamVisionEncoder(config.vision_config)
-        self.prompt_encoder = SamPromptEncoder(config)
-        # The decoder is no PreTrainedModel, so it reads the attention implementation from its config.
-        config.mask_decoder_config._attn_implementation = config._attn_implementation
-        self.mask_decoder = PASamMaskDecoder(config.mask_decoder_config)
-        if getattr(config, "decoder_in_fp32", True):
+        with local_torch_dtype(prompt_side_dtype):
+            self.prompt_encoder = SamPromptEncoder(config)
+            # The decoder is no PreTrainedModel, so it reads the attention implementation from its config.
+            config.mask_decoder_config._attn_implementation = config._attn_implementation
+            self.mask_decoder = PASamMaskDecoder(config.mask_decoder_config)
+        if keep_fp32:
             self._keep_in_fp32_modules_strict = list(self.PROMPT_SIDE_MODULES)
         self.post_init()
 
