@@ -224,16 +224,34 @@ class PASamModelTest(suite.ModelTesterMixin, suite.PipelineTesterMixin, unittest
         pass
 
     def is_pipeline_test_to_skip(self, *args, **kwargs):
-        return False
+        # As SAM's tests do: the mixin's run_batch_test (batch_size=4) fails in transformers' MaskGenerationPipeline
+        # for SamModel too ("too many values to unpack" in filter_masks). test_mask_generation_pipeline_from_a_folder
+        # runs the rest of it.
+        return True
 
     def test_pipeline_mask_generation(self):
+        """The mixin's mask-generation test (transformers 5.25 skips it: "run_pipeline_test is not implemented"),
+        with PA-SAM's tiny model where the mixin looks for it."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        model = PASamModel(config).eval()
+        transformers_suite.write_tiny_pipeline_model(model, PASamImageProcessor(**_image_processor_dict(config)))
+        self.run_task_tests(task="mask-generation")
+
+    def test_mask_generation_pipeline_from_a_folder(self):
+        """What the mixin's pipeline test runs, except batching: the tiny model saved, loaded by
+        pipeline("mask-generation", model=folder), and run on an image."""
+        from transformers import pipeline
+
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         torch.manual_seed(0)
         model = PASamModel(config).eval()
-        transformers_suite.write_tiny_pipeline_model(model, PASamImageProcessor.from_dict(
-            _image_processor_dict(config)
-        ))
-        super().test_pipeline_mask_generation()
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            PASamProcessor(image_processor=PASamImageProcessor(**_image_processor_dict(config))).save_pretrained(folder)
+            generator = pipeline("mask-generation", model=folder)
+            self.assertIsInstance(generator.model, PASamModel)
+            test = MaskGenerationPipelineTests()
+            test.run_pipeline_test(generator, [transformers_suite.fixture_image("coco_sample.png")])
 
 
 def _image_processor_dict(config: PASamConfig) -> dict:
@@ -262,7 +280,7 @@ class MaskGenerationPipelineTests:
         return generator, [image, image]
 
     def run_pipeline_test(self, generator, examples):
-        outputs = generator(examples[0], points_per_batch=64)
+        outputs = generator(examples[0], points_per_batch=64, points_per_crop=8)
         height, width = np.asarray(__import__("PIL.Image").Image.open(examples[0])).shape[:2]
         assert set(outputs) >= {"masks", "scores"}
         assert len(outputs["masks"]) == len(outputs["scores"])
@@ -276,11 +294,13 @@ transformers_suite.register_pipeline_test("mask-generation", MaskGenerationPipel
 class PASamImageProcessingTester(suite.ImageProcessingTester):
     """SAM's image processor test sizes (a 20 x 20 input, 12 x 12 masks) with the matching adapter input."""
 
-    size = {"longest_edge": 20}
-    pad_size = {"height": 20, "width": 20}
-    mask_size = {"longest_edge": 12}
-    mask_pad_size = {"height": 12, "width": 12}
-    adapter_size = 12
+    def __init__(self, parent, **kwargs):
+        kwargs.setdefault("size", {"longest_edge": 20})
+        kwargs.setdefault("pad_size", {"height": 20, "width": 20})
+        kwargs.setdefault("mask_size", {"longest_edge": 12})
+        kwargs.setdefault("mask_pad_size", {"height": 12, "width": 12})
+        kwargs.setdefault("adapter_size", 12)
+        super().__init__(parent, **kwargs)
 
     def _get_image_processing_classes(self):
         # The mixin finds the classes from the test file's folder name (tests/models/<model>/); ours are these.
@@ -291,7 +311,25 @@ class PASamImageProcessingTester(suite.ImageProcessingTester):
 
 
 class PASamImageProcessingTest(suite.ImageProcessingTestMixin, unittest.TestCase):
-    image_processing_tester_class = PASamImageProcessingTester
+    image_processor_tester_class = PASamImageProcessingTester
+
+    @unittest.skip(
+        reason="PA-SAM takes RGB only (3-channel image encoder, edge map computed from RGB): a 4-channel image "
+        "with do_convert_rgb=False is refused with a message, see test_four_channels_without_conversion_are_named"
+    )
+    def test_call_numpy_4_channels(self):
+        pass
+
+    def test_four_channels_without_conversion_are_named(self):
+        """The smaller defect of issue 16: the message names the channel count and the fix (was "mean must have 3
+        elements, got 4")."""
+        self.image_processor_tester.num_channels = 4
+        images = self.image_processor_tester.prepare_image_inputs(equal_resolution=False, numpify=True)
+        for image_processing_class in self.image_processing_classes.values():
+            image_processor = image_processing_class(**self.image_processor_dict)
+            with self.assertRaisesRegex(ValueError, r"images\[0\] has 4 channels .* do_convert_rgb"):
+                image_processor(images[0], do_convert_rgb=False, input_data_format="channels_last",
+                                image_mean=[0.0] * 4, image_std=[1.0] * 4, return_tensors="pt")
 
     def test_adapter_pixel_values(self):
         """PA-SAM's addition: the 4-channel adapter input, same shape from both backends."""
