@@ -40,6 +40,9 @@ def wrap_to_uint8(values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarra
     return values.astype(np.int32).astype(np.uint8)
 
 
+# Runs on the host (NumPy and OpenCV), so torch.compile runs it outside the graph: `PASamModel` compiled without
+# `adapter_pixel_values` breaks its graph here once instead of failing to trace `.numpy()`.
+@torch.compiler.disable
 def canny_edge_map(
     channels: torch.Tensor,
     edge_mode: str = "official",

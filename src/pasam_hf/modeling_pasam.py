@@ -5,8 +5,6 @@ block that hosts it, the decoder forward that threads the adapter through, and t
 SAM's parameter names are untouched, so SAM checkpoints load with only the adapter keys missing.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
