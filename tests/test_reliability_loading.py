@@ -177,6 +177,9 @@ def test_from_pretrained_with_a_state_dict_and_no_folder(model: PASamModel, conf
     incomplete = {key: value for key, value in model.state_dict().items() if "prompt_adapter" not in key}
     with pytest.raises(ModelLoadError, match="the given state_dict .* weights the model needs are missing"):
         PASamModel.from_pretrained(None, config=config, state_dict=incomplete)
+    # No weights at all is a request for a fresh model (transformers' own tests use it), not a partial checkpoint.
+    fresh = PASamModel.from_pretrained(None, config=config, state_dict={})
+    assert set(fresh.state_dict()) == set(model.state_dict())
 
 
 def test_output_loading_info_returns_the_report_with_a_warning(saved: Path) -> None:

@@ -52,14 +52,16 @@ def test_compile_inductor_with_and_without_adapter_pixel_values(model: PASamMode
 
 def test_torch_export_with_adapter_pixel_values(model: PASamModel, inputs: dict) -> None:
     """D3: torch.export works when adapter_pixel_values are given; without them the host-side edge map cannot be
-    exported (torch.export allows no graph break) and the error says so (docs/export: compute them with
-    PASamProcessor or `model.compute_adapter_pixel_values` outside the exported program)."""
+    exported (torch.export allows no graph break) and the error says what to pass (it was "RuntimeError: .numpy()
+    is not supported for tensor subclasses")."""
     keys = ("pixel_values", "input_points", "adapter_pixel_values")
     exported = torch.export.export(model, args=(), kwargs={key: inputs[key] for key in keys})
     with torch.no_grad():
         eager = model(**{key: inputs[key] for key in keys})
         out = exported.module()(**{key: inputs[key] for key in keys})
     torch.testing.assert_close(out["pred_masks"], eager.pred_masks, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pass adapter_pixel_values"):
+        torch.export.export(model, args=(), kwargs={key: inputs[key] for key in keys[:2]})
 
 
 def test_processor_accepts_text_as_sam_processor_does(processor: PASamProcessor) -> None:

@@ -294,6 +294,10 @@ def load_pretrained_strict(load: Callable[..., Any], source: str | os.PathLike, 
             check_config_dict(config_dict, str(location) if location.is_file() else f"config.json of {config_source}")
         model, info = load(source, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     where = "the given state_dict" if source is None else str(source)
+    if source is None and isinstance(kwargs.get("state_dict"), dict) and not kwargs["state_dict"]:
+        # No folder and an empty state_dict: no weights were given at all, so the caller asks for a freshly
+        # initialised model (as `PASamModel(config)`), not for a checkpoint that lacks some.
+        return (model, info) if wants_info else model
     if not wants_info:
         check_loading_info(info, where, allow_mismatched)
         return model

@@ -1027,6 +1027,13 @@ class PASamModel(SamModel):
                     "image. Pass the `adapter_pixel_values` returned by PASamProcessor (or "
                     "`model.compute_adapter_pixel_values(pixel_values)`) together with image_embeddings."
                 )
+            if torch.compiler.is_exporting():
+                # torch.compile runs the host-side edge map outside its graph; an exported program has no outside.
+                raise ValueError(
+                    "torch.export cannot trace the adapter's edge map (NumPy/OpenCV on the host): pass "
+                    "adapter_pixel_values (from PASamProcessor, or model.compute_adapter_pixel_values(pixel_values) "
+                    "before calling the exported program) as an input of the exported model."
+                )
             adapter_pixel_values = self.compute_adapter_pixel_values(pixel_values)
         expected = (batch_size, 4, self.adapter_size, self.adapter_size)
         if tuple(adapter_pixel_values.shape) != expected:
