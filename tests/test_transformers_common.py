@@ -226,18 +226,22 @@ class PASamModelTest(suite.ModelTesterMixin, suite.PipelineTesterMixin, unittest
         pass
 
     def is_pipeline_test_to_skip(self, *args, **kwargs):
-        # As SAM's tests do: the mixin's run_batch_test (batch_size=4) fails in transformers' MaskGenerationPipeline
-        # for SamModel too ("too many values to unpack" in filter_masks). test_mask_generation_pipeline_from_a_folder
-        # runs the rest of it.
-        return True
+        return False  # SAM's tests skip every case; PA-SAM runs them (see test_pipeline_mask_generation)
 
     def test_pipeline_mask_generation(self):
-        """The mixin's mask-generation test (transformers 5.25 skips it: "run_pipeline_test is not implemented"),
-        with PA-SAM's tiny model where the mixin looks for it."""
+        """The mixin's mask-generation test, which transformers 5.25 skips ("run_pipeline_test is not
+        implemented"; MaskGenerationPipelineTests below implements it): PA-SAM's tiny model loaded where the mixin
+        looks for tiny models, its image processor found by name, the pipeline run on an image, then in batches.
+
+        The batched run fails inside transformers' MaskGenerationPipeline for SamModel too (the reason SAM's tests
+        skip every pipeline case): that known failure is pinned here, after PA-SAM's own checks passed."""
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         model = PASamModel(config).eval()
         transformers_suite.write_tiny_pipeline_model(model, PASamImageProcessor(**_image_processor_dict(config)))
-        self.run_task_tests(task="mask-generation")
+        MaskGenerationPipelineTests.runs = 0
+        with self.assertRaisesRegex(ValueError, "too many values to unpack"):
+            self.run_task_tests(task="mask-generation")
+        self.assertEqual(MaskGenerationPipelineTests.runs, 1)
 
     def test_mask_generation_pipeline_from_a_folder(self):
         """What the mixin's pipeline test runs, except batching: the tiny model saved, loaded by
@@ -271,7 +275,7 @@ def _image_processor_dict(config: PASamConfig) -> dict:
 
 class MaskGenerationPipelineTests:
     """What `PipelineTesterMixin` runs for the "mask-generation" task (transformers' own class for it is not in the
-    sdist, and its `run_pipeline_test` is a skipped TODO): the pipeline on a fixture image, output structure."""
+    sdist, and its `run_pipeline_test` is a skipped TODO): the pipeline on a fixture image, the output's structure."""
 
     def get_test_pipeline(self, model, tokenizer=None, image_processor=None, feature_extractor=None, processor=None,
                           dtype="float32"):
@@ -281,13 +285,19 @@ class MaskGenerationPipelineTests:
         image = transformers_suite.fixture_image("coco_sample.png")
         return generator, [image, image]
 
+    runs = 0
+
     def run_pipeline_test(self, generator, examples):
-        outputs = generator(examples[0], points_per_batch=64, points_per_crop=8)
-        height, width = np.asarray(__import__("PIL.Image").Image.open(examples[0])).shape[:2]
+        from PIL import Image
+
+        assert isinstance(generator.model, PASamModel)
+        outputs = generator(examples[0], points_per_batch=64)
+        width, height = Image.open(examples[0]).size
         assert set(outputs) >= {"masks", "scores"}
         assert len(outputs["masks"]) == len(outputs["scores"])
         for mask in outputs["masks"]:
             assert mask.shape == (height, width) and mask.dtype == bool
+        type(self).runs += 1
 
 
 transformers_suite.register_pipeline_test("mask-generation", MaskGenerationPipelineTests)
@@ -333,6 +343,23 @@ class PASamImageProcessingTest(suite.ImageProcessingTestMixin, unittest.TestCase
                 image_processor(images[0], do_convert_rgb=False, input_data_format="channels_last",
                                 image_mean=[0.0] * 4, image_std=[1.0] * 4, return_tensors="pt")
 
+    def test_call_segmentation_maps(self):
+        """SAM's segmentation map test (transformers' SamImageProcessingTest): labels at the mask size, long."""
+        tester = self.image_processor_tester
+        for image_processing_class in self.image_processing_classes.values():
+            image_processor = image_processing_class(**self.image_processor_dict)
+            images = tester.prepare_image_inputs(equal_resolution=False, torchify=True)
+            maps = [torch.zeros(image.shape[-2:]).long() for image in images]
+            pil_image, pil_map = tester.prepare_semantic_segmentation_inputs_ade20k()
+            pil_images, pil_maps = tester.prepare_semantic_segmentation_inputs_ade20k(batched=True)
+            for inputs, targets, count in ((images[0], maps[0], 1), (images, maps, len(images)),
+                                           (pil_image, pil_map, 1), (pil_images, pil_maps, 2)):
+                encoding = image_processor(inputs, targets, return_tensors="pt")
+                self.assertEqual(tuple(encoding["pixel_values"].shape), (count, 3, 20, 20))
+                self.assertEqual(tuple(encoding["labels"].shape), (count, 12, 12))
+                self.assertEqual(encoding["labels"].dtype, torch.long)
+                self.assertTrue(0 <= encoding["labels"].min() and encoding["labels"].max() <= 255)
+
     def test_adapter_pixel_values(self):
         """PA-SAM's addition: the 4-channel adapter input, same shape from both backends."""
         for image_processing_class in self.image_processing_classes.values():
@@ -360,3 +387,42 @@ class PASamProcessorTest(suite.ProcessorTesterMixin, unittest.TestCase):
 
     def test_chat_template_save_loading(self):
         self.skipTest("PASamProcessor has no tokenizer (as SamProcessor)")
+
+    # SAM's own processor tests (transformers' SamProcessorTest), for PA-SAM's processor and its adapter input.
+    def test_image_processor_no_masks(self):
+        image_processor = self.get_component("image_processor")
+        processor = PASamProcessor(image_processor=image_processor)
+        image = [np.random.randint(255, size=(30, 400, 3), dtype=np.uint8)]
+        from_image_processor = image_processor(image, return_tensors="pt")
+        from_processor = processor(images=image, return_tensors="pt")
+        self.assertEqual(set(from_image_processor), set(from_processor))
+        for key in from_image_processor:
+            torch.testing.assert_close(from_image_processor[key], from_processor[key])
+        self.assertEqual(tuple(from_processor["pixel_values"].shape[1:]), (3, 1024, 1024))
+        self.assertEqual(tuple(from_processor["adapter_pixel_values"].shape[1:]), (4, 256, 256))
+        self.assertEqual(from_processor["original_sizes"].tolist(), [[30, 400]])
+        self.assertEqual(from_processor["reshaped_input_sizes"].tolist(), [[77, 1024]])  # before padding
+
+    def test_image_processor_with_masks(self):
+        image_processor = self.get_component("image_processor")
+        processor = PASamProcessor(image_processor=image_processor)
+        image = [np.random.randint(255, size=(30, 400, 3), dtype=np.uint8)]
+        masks = [np.random.randint(255, size=(30, 400), dtype=np.uint8)]
+        from_image_processor = image_processor(images=image, segmentation_maps=masks, return_tensors="pt")
+        from_processor = processor(images=image, segmentation_maps=masks, return_tensors="pt")
+        for key in from_image_processor:
+            torch.testing.assert_close(from_image_processor[key], from_processor[key])
+        self.assertEqual(tuple(from_processor["labels"].shape[1:]), (256, 256))
+
+    def test_post_process_masks(self):
+        processor = PASamProcessor(image_processor=self.get_component("image_processor"))
+        original_sizes, reshaped_input_sizes = [[1764, 2646]], [[683, 1024]]
+        for masks, sizes, reshaped in (
+            ([torch.ones((1, 1, 5, 5))], original_sizes, reshaped_input_sizes),
+            ([torch.ones((1, 1, 5, 5))], torch.tensor(original_sizes), torch.tensor(reshaped_input_sizes)),
+            ([np.ones((1, 1, 5, 5))], np.array(original_sizes), np.array(reshaped_input_sizes)),
+        ):
+            # PA-SAM's default output is one mask per prompt.
+            self.assertEqual(processor.post_process_masks(masks, sizes, reshaped)[0].shape, (1, 1, 1764, 2646))
+        with self.assertRaises(TypeError):
+            processor.post_process_masks([[1, 0], [0, 1]], np.array(original_sizes), np.array(reshaped_input_sizes))
