@@ -35,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def _fixture_image(url: str) -> str:
     if not path.is_file():
         from PIL import Image
 
-        rng = np.random.default_rng(abs(hash(Path(url).name)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(Path(url).name.encode()))  # the same image in every process
         yy, xx = np.mgrid[:480, :640]
         image = np.stack([xx * 255 / 640, yy * 255 / 480, (xx + yy) * 255 / 1120], axis=-1)
         for _ in range(6):

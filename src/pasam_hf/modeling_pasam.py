@@ -1180,11 +1180,12 @@ class PASamModel(SamModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "PASamModel":
-        r"""[`PreTrainedModel.from_pretrained`], strict (see `pasam_hf.loading.load_pretrained_strict`): weights are
-        read from safetensors only unless `use_safetensors=False` is passed, and a config.json of another model
-        type or with unknown or missing fields, a truncated or corrupt weights file, or weights that are missing,
-        unused or of the wrong shape (which transformers would initialise randomly) raise one
-        `pasam_hf.loading.ModelLoadError` naming the file and the fix.
+        r"""[`PreTrainedModel.from_pretrained`], strict where silence would give wrong masks (see
+        `pasam_hf.loading.load_pretrained_strict`): weights are read from safetensors only unless
+        `use_safetensors=False` is passed, and a config.json of another model type or missing PA-SAM settings, a
+        truncated or corrupt weights file, or weights that are missing, unused or of the wrong shape (which
+        transformers would initialise randomly) raise one `pasam_hf.loading.ModelLoadError` naming the file and the
+        fix. Config fields PA-SAM does not declare load, as in transformers, with one warning naming them.
         """
         from .loading import load_pretrained_strict
 
