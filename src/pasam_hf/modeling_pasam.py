@@ -891,7 +891,8 @@ class PASamModel(SamModel):
         # With config.decoder_in_fp32 the prompt side is created in float32 whatever the default dtype: a model
         # built in a low dtype (`AutoModel.from_config(config, dtype=torch.bfloat16)`, `_from_config`) then has
         # the same dtypes as one loaded with `from_pretrained(..., dtype=torch.bfloat16)`.
-        prompt_side_dtype = torch.float32 if keep_fp32 else torch.get_default_dtype()
+        low_default = torch.get_default_dtype() in (torch.float16, torch.bfloat16)
+        prompt_side_dtype = torch.float32 if keep_fp32 and low_default else torch.get_default_dtype()
         with local_torch_dtype(prompt_side_dtype):
             self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = SamVisionEncoder(config.vision_config)
