@@ -15,10 +15,10 @@ import unittest
 import numpy as np
 import pytest
 import torch
+import transformers_suite
 from torch import nn
 from transformers.testing_utils import torch_device
 
-import transformers_suite
 from pasam_hf import (
     PASamConfig,
     PASamImageProcessor,

@@ -8,9 +8,9 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_image
 from transformers import AutoModel
 
-from conftest import synthetic_image
 from pasam_hf import PASamConfig, PASamModel, PASamProcessor
 
 

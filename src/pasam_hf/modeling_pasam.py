@@ -888,8 +888,8 @@ class PASamModel(SamModel):
         # SamModel.__init__ would build a plain SamMaskDecoder first; build the same modules with ours instead.
         SamPreTrainedModel.__init__(self, config)
         keep_fp32 = getattr(config, "decoder_in_fp32", True)
-        # With config.decoder_in_fp32 the prompt side is created in float32 whatever the default dtype: a model
-        # built in a low dtype (`AutoModel.from_config(config, dtype=torch.bfloat16)`, `_from_config`) then has
+        # With config.decoder_in_fp32 the prompt side is created in float32 under a half-precision default dtype: a
+        # model built in a low dtype (`AutoModel.from_config(config, dtype=torch.bfloat16)`, `_from_config`) then has
         # the same dtypes as one loaded with `from_pretrained(..., dtype=torch.bfloat16)`.
         low_default = torch.get_default_dtype() in (torch.float16, torch.bfloat16)
         prompt_side_dtype = torch.float32 if keep_fp32 and low_default else torch.get_default_dtype()
