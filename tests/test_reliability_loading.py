@@ -1,6 +1,7 @@
-"""Reliability of loading: project artifacts are safetensors only, pickle files never run code, and a broken
-checkpoint (truncated weights, config.json with unknown or missing fields, another architecture, missing or
-mis-shaped weights) gives one ModelLoadError naming the file and the fix."""
+"""Reliability of loading: project artifacts are safetensors only, pickle files never run code, a broken
+checkpoint (truncated weights, config.json with missing PA-SAM fields, another architecture, missing or
+mis-shaped weights) gives one ModelLoadError naming the file and the fix, and whatever transformers loads (a
+config with attributes PA-SAM does not declare) loads, with one warning naming them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, SamConfig, SamModel, ViTConfig, ViTModel
 
 from pasam_hf import PASamConfig, PASamModel
-from pasam_hf.loading import ModelLoadError, check_config_dict, load_model_and_processor, load_pth_state_dict
+from pasam_hf.loading import (
+    ModelLoadError,
+    UnknownConfigFieldsWarning,
+    check_config_dict,
+    load_model_and_processor,
+    load_pth_state_dict,
+)
 
 MARKER_NAME = "pickle-ran-code"
 
@@ -82,11 +89,110 @@ def test_truncated_safetensors_names_the_file(saved: Path, keep: float) -> None:
     _assert_one_clear_error(saved, str(weights), "truncated or corrupt", "again")
 
 
-def test_unknown_config_fields_are_named_with_a_suggestion(saved: Path) -> None:
-    _edit_config(saved, lambda config: config["mask_decoder_config"].update(edge_mod="rgb"))
-    _assert_one_clear_error(saved, "config.json", "unknown fields mask_decoder_config.edge_mod", "'edge_mode'")
-    _edit_config(saved, lambda config: (config["mask_decoder_config"].pop("edge_mod"), config.update(multimask=True)))
-    _assert_one_clear_error(saved, "unknown fields multimask (did you mean 'multimask_output'?)")
+def _loads_with_one_warning(directory: Path, *expected: str) -> None:
+    """Every loader loads `directory` and warns once, naming `expected`."""
+    for name, load in _loaders().items():
+        with pytest.warns(UnknownConfigFieldsWarning) as warned:
+            model = load(directory)
+        assert model is not None, name
+        messages = [str(w.message) for w in warned if issubclass(w.category, UnknownConfigFieldsWarning)]
+        assert len(messages) == 1, (name, messages)
+        for part in expected:
+            assert part in messages[0], f"{name}: {part!r} not in {messages[0]!r}"
+
+
+def test_unknown_config_fields_warn_once_with_a_suggestion(saved: Path) -> None:
+    """As in transformers, unknown attributes load (and stay attributes); one warning names them, with the closest
+    known name, because a misspelt field falls back to its default."""
+    _edit_config(saved, lambda config: config.update(multimask=True))
+    _loads_with_one_warning(saved, "config.json", "multimask (did you mean 'multimask_output'?)")
+    assert PASamModel.from_pretrained(saved).config.multimask is True
+
+
+def test_a_misspelt_adapter_setting_is_an_error_naming_both(saved: Path) -> None:
+    """An adapter setting under another name is missing, and a default edge mode would change the masks."""
+    _edit_config(saved, lambda config: config["mask_decoder_config"].update(edge_mod=config["mask_decoder_config"].pop("edge_mode")))
+    _assert_one_clear_error(saved, "config.json", "missing fields mask_decoder_config.edge_mode",
+                            "unknown fields mask_decoder_config.edge_mod (did you mean 'edge_mode'?)")
+
+
+# Attributes transformers' own SAM test configs and SDPA tests set, which PA-SAM's config classes do not declare.
+TRANSFORMERS_EXTRA_ATTRIBUTES = {
+    "vision_config": {"dropout": 0.0, "initializer_factor": 1.0, "intermediate_size": 72, "projection_dim": 62,
+                      "rel_pos_zero_init": False},
+    "": {"layer_norm_eps": 1e-6, "batch_norm_eps": 1e-5, "rms_norm_eps": 1e-6, "norm_eps": 1e-5},
+}
+
+
+def _with_extra_attributes(config):
+    for name, value in TRANSFORMERS_EXTRA_ATTRIBUTES["vision_config"].items():
+        setattr(config.vision_config, name, value)
+    for name, value in TRANSFORMERS_EXTRA_ATTRIBUTES[""].items():
+        setattr(config, name, value)
+    return config
+
+
+def test_save_pretrained_of_a_config_with_extra_attributes_loads_back(tmp_path: Path, model: PASamModel) -> None:
+    """D1: what save_pretrained wrote always loads back, by every loader and the pipeline, with the same weights."""
+    from transformers import pipeline
+
+    model.config = _with_extra_attributes(model.config)
+    model.save_pretrained(tmp_path / "extra")
+    _loads_with_one_warning(tmp_path / "extra", "vision_config.dropout", "vision_config.projection_dim",
+                            "batch_norm_eps")
+    reloaded = PASamModel.from_pretrained(tmp_path / "extra")
+    assert reloaded.config.vision_config.projection_dim == 62 and reloaded.config.batch_norm_eps == 1e-5
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    from pasam_hf import PASamProcessor
+
+    PASamProcessor.from_model_config(model.config).save_pretrained(tmp_path / "extra")
+    with pytest.warns(UnknownConfigFieldsWarning):
+        generator = pipeline("mask-generation", model=str(tmp_path / "extra"))
+    assert isinstance(generator.model, PASamModel)
+
+
+def test_from_sam_pretrained_on_a_sam_config_with_extra_attributes_saves_and_reloads(tmp_path: Path) -> None:
+    """D1: from_sam_pretrained copies a SAM config's extra attributes; the PA-SAM model it gives reloads."""
+    small = PASamConfig.small()
+    sam_config = SamConfig(vision_config=small.vision_config.to_dict(),
+                           prompt_encoder_config=small.prompt_encoder_config.to_dict(),
+                           mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2,
+                                                "iou_head_hidden_dim": 32})
+    SamModel(_with_extra_attributes(sam_config)).save_pretrained(tmp_path / "sam")
+    model = PASamModel.from_sam_pretrained(str(tmp_path / "sam"))
+    assert model.config.vision_config.dropout == 0.0
+    model.save_pretrained(tmp_path / "pa-sam")
+    with pytest.warns(UnknownConfigFieldsWarning, match="vision_config.initializer_factor"):
+        reloaded = PASamModel.from_pretrained(tmp_path / "pa-sam")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_from_pretrained_with_a_state_dict_and_no_folder(model: PASamModel, config: PASamConfig) -> None:
+    """D2: from_pretrained(None, config=..., state_dict=...) as for every transformers model."""
+    reloaded = PASamModel.from_pretrained(None, config=config, state_dict=model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    incomplete = {key: value for key, value in model.state_dict().items() if "prompt_adapter" not in key}
+    with pytest.raises(ModelLoadError, match="the given state_dict .* weights the model needs are missing"):
+        PASamModel.from_pretrained(None, config=config, state_dict=incomplete)
+    # No weights at all is a request for a fresh model (transformers' own tests use it), not a partial checkpoint.
+    fresh = PASamModel.from_pretrained(None, config=config, state_dict={})
+    assert set(fresh.state_dict()) == set(model.state_dict())
+
+
+def test_output_loading_info_returns_the_report_with_a_warning(saved: Path) -> None:
+    """With output_loading_info=True the caller gets transformers' report (and a warning) instead of an error."""
+    from safetensors.torch import save_file as save
+
+    save({"tensor": torch.tensor([1, 2])}, str(saved / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="weights the model needs are missing"):
+        PASamModel.from_pretrained(saved)
+    with pytest.warns(UserWarning, match="weights the model needs are missing"):
+        _, info = PASamModel.from_pretrained(saved, output_loading_info=True)
+    assert "mask_decoder.prompt_adapter.cross_attn_token_to_image.q_proj.weight" in info["missing_keys"]
+    assert info["unexpected_keys"] == {"tensor"} or list(info["unexpected_keys"]) == ["tensor"]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -44,8 +45,9 @@ class ModelLoadError(ValueError):
 
 # ------------------------------------------------------------------------------------ strict checkpoint loading
 # transformers loads a checkpoint whatever its config.json holds (unknown fields become attributes, missing ones
-# take defaults) and initialises missing or mis-shaped weights randomly with only a log line. For PA-SAM either
-# means silently wrong masks, so `PASamModel.from_pretrained` goes through `load_pretrained_strict`.
+# take defaults) and initialises missing or mis-shaped weights randomly with only a log line. For PA-SAM a missing
+# adapter setting or weight means silently wrong masks, so `PASamModel.from_pretrained` goes through
+# `load_pretrained_strict`; unknown fields are accepted as transformers accepts them, with a warning.
 
 SUB_CONFIGS = {
     "vision_config": SamVisionConfig,
@@ -102,12 +104,22 @@ def _unknown(keys, known: frozenset[str], prefix: str) -> list[str]:
     return found
 
 
+class UnknownConfigFieldsWarning(UserWarning):
+    """A config.json holds attributes PA-SAM does not use; they are kept as attributes, as transformers does."""
+
+
 def check_config_dict(config_dict: dict[str, Any], location: str, check_missing: bool = True) -> None:
-    """Raise one [`ModelLoadError`] if a PA-SAM config has another model type, unknown fields or missing fields.
+    """Check a PA-SAM config the way silence would give wrong masks, and be as lenient as transformers otherwise.
+
+    - another model type, or (with `check_missing`) a missing sub-config or PA-SAM adapter setting: one
+      [`ModelLoadError`] naming them (a default adapter setting changes the masks but no weight shape);
+    - attributes PA-SAM does not declare (transformers keeps them on the config, and SAM test and Hub configs
+      carry some, e.g. `vision_config.dropout`): one [`UnknownConfigFieldsWarning`] naming them, with the closest
+      known name, since a misspelt field falls back to its default.
 
     Args:
         config_dict: The content of config.json (or `config.to_dict()`).
-        location: How the message names the file, e.g. `"checkpoints/pa-sam/config.json"`.
+        location: How the messages name the file, e.g. `"checkpoints/pa-sam/config.json"`.
         check_missing: Whether required fields must be present (not for a config object: it has every field).
     """
     model_type = config_dict.get("model_type")
@@ -132,17 +144,20 @@ def check_config_dict(config_dict: dict[str, Any], location: str, check_missing:
         unknown += _unknown(sub_config, _known_config_keys(config_class), f"{key}.")
         if check_missing:
             missing += [f"{key}.{name}" for name in sorted(required.get(key, set()) - set(sub_config))]
-    if unknown or missing:
-        problems = "; ".join(
-            part for part in (
-                f"unknown fields {', '.join(unknown)}" if unknown else "",
-                f"missing fields {', '.join(missing)}" if missing else "",
-            ) if part
-        )
+    if missing:
+        also = f" (it also has unknown fields {', '.join(unknown)})" if unknown else ""
         raise ModelLoadError(
-            f"{location} has {problems}. A misspelt or missing field would silently change the model. Fix the "
-            "file (compare with PASamConfig().to_dict()), or re-create it with `pasam convert` / save_pretrained; "
-            "if it was written by a newer pasam_hf, upgrade pasam_hf."
+            f"{location} has missing fields {', '.join(missing)}{also}. A missing PA-SAM setting would silently "
+            "change the masks. Fix the file (compare with PASamConfig().to_dict()), or re-create it with "
+            "`pasam convert` / save_pretrained; if it was written by a newer pasam_hf, upgrade pasam_hf."
+        )
+    if unknown:
+        warnings.warn(
+            f"{location} has fields PA-SAM does not use: {', '.join(unknown)}. They are kept as config "
+            "attributes (as transformers does) and change nothing; if one is a misspelt PA-SAM field, that "
+            "field has its default value: fix the name.",
+            UnknownConfigFieldsWarning,
+            stacklevel=2,
         )
 
 
@@ -183,7 +198,7 @@ def _pickle_global(error: BaseException) -> str:
 
 
 def _weight_files(location: Path) -> tuple[list[Path], list[Path]]:
-    if not location.is_dir():
+    if location == Path("") or not location.is_dir():
         return [], []
     safetensors = sorted(location.glob("*.safetensors"))
     pickles = sorted(path for path in location.iterdir() if path.suffix in PICKLE_SUFFIXES)
@@ -202,10 +217,12 @@ def _unreadable_safetensors(files: list[Path]) -> list[Path]:
 
 
 @contextmanager
-def readable_load_errors(source: str | os.PathLike) -> Iterator[None]:
+def readable_load_errors(source: str | os.PathLike | None) -> Iterator[None]:
     """Turn what `from_pretrained` raises for a corrupt, pickle-only or mismatched checkpoint into one
-    [`ModelLoadError`] naming the file and the fix; other errors pass through unchanged."""
-    location = Path(source).expanduser()
+    [`ModelLoadError`] naming the file and the fix; other errors pass through unchanged. `source` is `None` when
+    the weights come as a `state_dict` (`from_pretrained(None, config=..., state_dict=...)`)."""
+    # No folder to inspect for a state_dict: a path that is no directory gives no weight files.
+    location = Path(source).expanduser() if source is not None else Path("")
     try:
         yield
     except ModelLoadError:
@@ -246,12 +263,16 @@ def readable_load_errors(source: str | os.PathLike) -> Iterator[None]:
 def load_pretrained_strict(load: Callable[..., Any], source: str | os.PathLike, *model_args, **kwargs) -> Any:
     """`load(source, *model_args, **kwargs)` (a `from_pretrained`), made strict for PA-SAM checkpoints.
 
-    - config.json must be a PA-SAM config without unknown or missing fields ([`check_config_dict`]);
+    - config.json must be a PA-SAM config with every adapter setting; unknown fields only warn
+      ([`check_config_dict`]);
     - weights are read from safetensors only, unless the caller passes `use_safetensors=False` explicitly (then
       transformers reads pickle files with `torch.load(weights_only=True)`);
     - every weight must be present, used and of the right shape ([`check_loading_info`]);
       `ignore_mismatched_sizes=True` from the caller allows re-initialising mismatched ones, as in transformers;
+      with `output_loading_info=True` the caller gets the report (as from transformers) and a warning instead;
     - a truncated or corrupt file raises a [`ModelLoadError`] naming it.
+
+    `source` may be `None` with `config=` and `state_dict=` (weights from memory), as for every transformers model.
 
     Returns what `load` returns: the model, or `(model, loading_info)` with `output_loading_info=True`.
     """
@@ -260,7 +281,7 @@ def load_pretrained_strict(load: Callable[..., Any], source: str | os.PathLike, 
     kwargs.setdefault("use_safetensors", True)
     config = kwargs.get("config")
     with readable_load_errors(source):
-        if isinstance(config, PreTrainedConfig) and config.name_or_path != str(source):
+        if isinstance(config, PreTrainedConfig) and (source is None or config.name_or_path != str(source)):
             # Built by the caller: its fields are all set, but unknown ones survive as attributes.
             check_config_dict(config.to_dict(), f"the config given for {source}", check_missing=False)
         else:
@@ -271,8 +292,20 @@ def load_pretrained_strict(load: Callable[..., Any], source: str | os.PathLike, 
             location = Path(config_source).expanduser() / "config.json"
             check_config_dict(config_dict, str(location) if location.is_file() else f"config.json of {config_source}")
         model, info = load(source, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    check_loading_info(info, str(source), allow_mismatched)
-    return (model, info) if wants_info else model
+    where = "the given state_dict" if source is None else str(source)
+    if source is None and isinstance(kwargs.get("state_dict"), dict) and not kwargs["state_dict"]:
+        # No folder and an empty state_dict: no weights were given at all, so the caller asks for a freshly
+        # initialised model (as `PASamModel(config)`), not for a checkpoint that lacks some.
+        return (model, info) if wants_info else model
+    if not wants_info:
+        check_loading_info(info, where, allow_mismatched)
+        return model
+    # The caller asked for the loading report, as transformers returns it, and checks it: warn instead of raising.
+    try:
+        check_loading_info(info, where, allow_mismatched)
+    except ModelLoadError as problem:
+        warnings.warn(f"{problem} (returned in loading_info, as output_loading_info=True asked)", stacklevel=2)
+    return model, info
 
 
 def load_pth_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -387,6 +420,7 @@ def load_model_and_processor(
 
 __all__ = [
     "ModelLoadError",
+    "UnknownConfigFieldsWarning",
     "check_config_dict",
     "check_loading_info",
     "load_model_and_processor",

@@ -5,8 +5,6 @@ block that hosts it, the decoder forward that threads the adapter through, and t
 SAM's parameter names are untouched, so SAM checkpoints load with only the adapter keys missing.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +25,7 @@ from transformers.models.sam.modeling_sam import (
     SamTwoWayTransformer,
     SamVisionEncoder,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, local_torch_dtype
 from transformers.models.sam.modeling_sam import eager_attention_forward
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, logging
@@ -890,13 +888,21 @@ class PASamModel(SamModel):
     def __init__(self, config: PASamConfig):
         # SamModel.__init__ would build a plain SamMaskDecoder first; build the same modules with ours instead.
         SamPreTrainedModel.__init__(self, config)
-        self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+        keep_fp32 = getattr(config, "decoder_in_fp32", True)
+        # With config.decoder_in_fp32 the prompt side is created in float32 under a half-precision default dtype: a
+        # model built in a low dtype (`AutoModel.from_config(config, dtype=torch.bfloat16)`, `_from_config`) then has
+        # the same dtypes as one loaded with `from_pretrained(..., dtype=torch.bfloat16)`.
+        low_default = torch.get_default_dtype() in (torch.float16, torch.bfloat16)
+        prompt_side_dtype = torch.float32 if keep_fp32 and low_default else torch.get_default_dtype()
+        with local_torch_dtype(prompt_side_dtype):
+            self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
         self.vision_encoder = SamVisionEncoder(config.vision_config)
-        self.prompt_encoder = SamPromptEncoder(config)
-        # The decoder is no PreTrainedModel, so it reads the attention implementation from its config.
-        config.mask_decoder_config._attn_implementation = config._attn_implementation
-        self.mask_decoder = PASamMaskDecoder(config.mask_decoder_config)
-        if getattr(config, "decoder_in_fp32", True):
+        with local_torch_dtype(prompt_side_dtype):
+            self.prompt_encoder = SamPromptEncoder(config)
+            # The decoder is no PreTrainedModel, so it reads the attention implementation from its config.
+            config.mask_decoder_config._attn_implementation = config._attn_implementation
+            self.mask_decoder = PASamMaskDecoder(config.mask_decoder_config)
+        if keep_fp32:
             self._keep_in_fp32_modules_strict = list(self.PROMPT_SIDE_MODULES)
         self.post_init()
 
@@ -1024,6 +1030,13 @@ class PASamModel(SamModel):
                     "adapter_pixel_values is required when image_embeddings are given: the guiding branch needs the "
                     "image. Pass the `adapter_pixel_values` returned by PASamProcessor (or "
                     "`model.compute_adapter_pixel_values(pixel_values)`) together with image_embeddings."
+                )
+            if torch.compiler.is_exporting():
+                # torch.compile runs the host-side edge map outside its graph; an exported program has no outside.
+                raise ValueError(
+                    "torch.export cannot trace the adapter's edge map (NumPy/OpenCV on the host): pass "
+                    "adapter_pixel_values (from PASamProcessor, or model.compute_adapter_pixel_values(pixel_values) "
+                    "before calling the exported program) as an input of the exported model."
                 )
             adapter_pixel_values = self.compute_adapter_pixel_values(pixel_values)
         expected = (batch_size, 4, self.adapter_size, self.adapter_size)
@@ -1171,11 +1184,12 @@ class PASamModel(SamModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> "PASamModel":
-        r"""[`PreTrainedModel.from_pretrained`], strict (see `pasam_hf.loading.load_pretrained_strict`): weights are
-        read from safetensors only unless `use_safetensors=False` is passed, and a config.json of another model
-        type or with unknown or missing fields, a truncated or corrupt weights file, or weights that are missing,
-        unused or of the wrong shape (which transformers would initialise randomly) raise one
-        `pasam_hf.loading.ModelLoadError` naming the file and the fix.
+        r"""[`PreTrainedModel.from_pretrained`], strict where silence would give wrong masks (see
+        `pasam_hf.loading.load_pretrained_strict`): weights are read from safetensors only unless
+        `use_safetensors=False` is passed, and a config.json of another model type or missing PA-SAM settings, a
+        truncated or corrupt weights file, or weights that are missing, unused or of the wrong shape (which
+        transformers would initialise randomly) raise one `pasam_hf.loading.ModelLoadError` naming the file and the
+        fix. Config fields PA-SAM does not declare load, as in transformers, with one warning naming them.
         """
         from .loading import load_pretrained_strict
 

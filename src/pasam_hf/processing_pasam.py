@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from transformers.image_utils import ChannelDimension
-from transformers.models.sam.processing_sam import SamProcessor
+from transformers.models.sam.processing_sam import SamProcessor, SamProcessorKwargs
 
 from .validation import prepare_images, validate_prompts
+
+
+class PASamProcessorKwargs(SamProcessorKwargs, total=False):
+    """[`SamProcessor`]'s call arguments (PA-SAM's image processor settings, `edge_mode` and the others, go to
+    `images_kwargs` like SAM's)."""
 
 
 class PASamProcessor(SamProcessor):
@@ -23,6 +28,8 @@ class PASamProcessor(SamProcessor):
     ['adapter_pixel_values', 'input_boxes', 'original_sizes', 'pixel_values', 'reshaped_input_sizes']
     ```
     """
+
+    valid_processor_kwargs = PASamProcessorKwargs
 
     def __init__(self, image_processor):
         # A SAM repo ("facebook/sam-vit-base") ships SAM's image processor config: loading PASamProcessor from it
@@ -48,8 +55,11 @@ class PASamProcessor(SamProcessor):
         outside are clipped (with a `PromptClippedWarning`); point groups of different lengths are padded with
         `point_pad_value` (-10), which the model ignores. Calling it without prompts only prepares the images.
         """
-        if text is not None:
-            raise ValueError("PASamProcessor takes no text; prompts are input_points, input_labels and input_boxes.")
+        # `text` is accepted and unused, as by SamProcessor (prompts are input_points, input_labels, input_boxes).
+        if kwargs.get("do_convert_rgb") is False:
+            from .image_processing_pasam import _check_rgb_without_conversion
+
+            _check_rgb_without_conversion(images, kwargs.get("input_data_format"))
         # The layout applies to the caller's arrays; after prepare_images every image is (H, W, 3).
         images = prepare_images(images, data_format=kwargs.pop("input_data_format", None))
         pad_value = kwargs.get("point_pad_value")
@@ -59,6 +69,7 @@ class PASamProcessor(SamProcessor):
         )
         encoding = super().__call__(
             images=images,
+            text=text,
             segmentation_maps=segmentation_maps,
             input_points=None if prompts.points is None else prompts.points.tolist(),
             input_labels=None if prompts.labels is None else prompts.labels.tolist(),
@@ -70,6 +81,17 @@ class PASamProcessor(SamProcessor):
             # SamProcessor rescales every coordinate; padding points keep the pad value, as SAM's own padding does.
             encoding["input_points"][encoding["input_labels"] == pad_value] = pad_value
         return encoding
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """[`ProcessorMixin.save_pretrained`] without side effects: transformers sets `auto_map` on a processor
+        registered for the Auto classes while saving it, so the saved one would differ (`to_dict`) from itself
+        reloaded and from one built from the same components."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
 
     @classmethod
     def from_model_config(cls, config, **image_processor_kwargs) -> "PASamProcessor":
@@ -127,4 +149,4 @@ def _sam_image_processors() -> tuple[type, ...]:
     return (SamImageProcessor, SamImageProcessorPil)
 
 
-__all__ = ["PASamProcessor"]
+__all__ = ["PASamProcessor", "PASamProcessorKwargs"]
