@@ -193,6 +193,7 @@ def test_load_model_and_processor_by_repo_id(hub) -> None:
     model, processor = load_model_and_processor(SAM_ID)
     assert_same_weights(model, hub["sam"])
     inputs = processor(images=PIL.Image.fromarray(synthetic_image()), input_boxes=[[BOX]], return_tensors="pt")
+    assert "adapter_pixel_values" in inputs  # SAM's processor config gives PA-SAM's processor
     keys = ("pixel_values", "input_boxes", "adapter_pixel_values")
     reference = PASamModel.from_sam_pretrained(str(hub["root"] / "sam")).eval()
     expected = pred_masks(reference, pasam_inputs(PASamProcessor.from_model_config(reference.config)))
@@ -208,8 +209,8 @@ def test_repo_id_missing_from_the_cache_is_one_clear_error(hub) -> None:
 
 
 def test_cli_by_repo_id(hub, tmp_path: Path) -> None:
-    """`pasam segment --model org/name` and `pasam train --model org/name`, each a fresh process that finds the
-    cache through HF_HOME (the other test with a subprocess uses HF_HUB_CACHE)."""
+    """`pasam segment --model org/name` and `pasam train --model <SAM repo id>` (the README recipe), each a fresh
+    process that finds the cache through HF_HOME (the other test with a subprocess uses HF_HUB_CACHE)."""
     PIL.Image.fromarray(synthetic_image()).save(tmp_path / "a.png")
     for folder in ("images", "masks"):
         (tmp_path / "data" / folder).mkdir(parents=True)
@@ -224,7 +225,7 @@ def test_cli_by_repo_id(hub, tmp_path: Path) -> None:
     commands = {
         "segment": ["segment", "a.png", "--box", *map(str, BOX), "--model", PASAM_ID, "--device", "cpu",
                     "--out", "out"],
-        "train": ["train", "--model", PASAM_ID, "--data", "data", "--output-dir", "run", "--max-steps", "1",
+        "train": ["train", "--model", SAM_ID, "--data", "data", "--output-dir", "run", "--max-steps", "1",
                   "--batch-size", "2", "--report-to", "none", "--no-progress", "--max-instances-per-image", "1"],
     }
     # Side by side: each process mostly waits on its imports.
@@ -247,9 +248,11 @@ def test_cli_by_repo_id(hub, tmp_path: Path) -> None:
     decided = np.abs(logits) > 1e-4  # pixels this close to 0 may flip between processes
     assert np.array_equal((mask == 255)[decided], (logits > 0)[decided])
 
+    # The README's recipe: a SAM repo (with SAM's own processor config) gets a fresh adapter and trains it.
     trained = PASamModel.from_pretrained(tmp_path / "run")
     trainable = set(trainable_parameter_names(trained))
-    start, end = hub["pasam"].state_dict(), trained.state_dict()
+    start = PASamModel.from_sam_pretrained(str(hub["root"] / "sam")).state_dict()
+    end = trained.state_dict()
     assert all(torch.equal(end[name], start[name]) for name in start if name not in trainable)
     assert any(not torch.equal(end[name], start[name]) for name in trainable)
 
