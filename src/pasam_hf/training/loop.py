@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
+    DistributedType,
     ProjectConfiguration,
     gather_object,
     set_seed,
@@ -470,7 +471,7 @@ def train(
                 batch = collator(items)
                 bad_samples.add(batch)
                 _check_data_quality(accelerator, bad_samples)
-                outcome, loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
+                outcome, loss = _training_step(accelerator, model, optimizer, batch, args)
                 if outcome != "ok" and accelerator.sync_gradients:
                     # The step's gradients were dropped: so is the loss of its earlier micro-batches.
                     running_loss.zero_()
@@ -535,7 +536,8 @@ def train(
             if not streamed:
                 state.batches_in_pass = 0
             if evaluating:
-                _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"epoch {epoch}")
+                full_model = _full_model(accelerator, model, unwrapped)
+                _evaluate(accelerator, full_model, processor, args, eval_records, state, f"epoch {epoch}")
                 evaluated_step = state.global_step
                 unwrapped.train()
         if stopped:
@@ -561,18 +563,20 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     if evaluating and evaluated_step != state.global_step:
         # Stopped by --max-steps inside an epoch: the saved weights are evaluated too.
-        _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"step {state.global_step}")
+        full_model = _full_model(accelerator, model, unwrapped)
+        _evaluate(accelerator, full_model, processor, args, eval_records, state, f"step {state.global_step}")
         unwrapped.train()
     result.global_step = state.global_step
     result.epochs_completed = state.epoch
     result.nonfinite_steps = state.nonfinite_steps
     _record_bad_samples(result, gather_object(bad_samples.details))  # those of an epoch stopped by --max-steps
     result.last_checkpoint = str(checkpoints.save(state))
+    full_model = _full_model(accelerator, model, unwrapped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        full_model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        save_adapter(unwrapped, output_dir / "adapter")
+        save_adapter(full_model, output_dir / "adapter")
         seconds = time.perf_counter() - started
         accelerator.print(
             f"done: {state.global_step} steps in {seconds:.0f} s; model in {output_dir}, adapter in "
@@ -631,7 +635,6 @@ class _StreamReader:
 def _training_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    unwrapped: PASamModel,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Any],
     args: TrainingArguments,
@@ -648,13 +651,15 @@ def _training_step(
         loss = None
         if usable:
             inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-            image_embeddings = batch.get("image_embeddings")
-            if image_embeddings is None:
-                # The image encoder is frozen: run it without autograd (and without DDP's wrapper).
-                with torch.no_grad(), accelerator.autocast():
-                    image_embeddings = unwrapped.get_image_embeddings(batch["pixel_values"])
+            if batch.get("image_embeddings") is not None:
+                inputs["image_embeddings"] = batch["image_embeddings"]
+            else:
+                # The image encoder runs inside the prepared model's forward: FSDP (and DeepSpeed ZeRO-3) gather
+                # sharded weights only around that call, so a direct `unwrapped.get_image_embeddings` would meet
+                # weight shards. The encoder is frozen and its input needs no gradient: autograd records nothing.
+                inputs["pixel_values"] = batch["pixel_values"]
             # With mixed precision the prepared model runs under autocast; the loss inside it opts out (fp32).
-            loss = model(image_embeddings=image_embeddings, multimask_output=False, **inputs).loss
+            loss = model(multimask_output=False, **inputs).loss
         finite = usable and bool(torch.isfinite(loss.detach()))
         # Per process: has data, has a non-finite loss (ints: gloo gathers no bools).
         flags = torch.tensor([[int(usable), int(usable and not finite)]], device=accelerator.device)
@@ -710,6 +715,26 @@ def _end_of_epoch(
         )
     _check_data_quality(accelerator, tracker, epoch_complete=True)
     tracker.reset()
+
+
+def _full_model(accelerator: Accelerator, model: torch.nn.Module, unwrapped: PASamModel) -> PASamModel | None:
+    """The whole trained model, for evaluation and saving on the main process; call it on every process.
+
+    With one process or DDP every process holds all the weights: that is `unwrapped` itself. FSDP and DeepSpeed
+    (ZeRO-3) shard them over the processes, so `unwrapped` holds only this process's shards; there the full state
+    dict is gathered (`accelerator.get_state_dict`, a collective: every process takes part) and loaded into a copy
+    on the main process. Returns `None` on the other processes then.
+    """
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return unwrapped
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    with torch.device("meta"):
+        full_model = type(unwrapped)(unwrapped.config)
+    # assign=True: the gathered tensors become the weights as they are (their dtype; no second copy).
+    full_model.load_state_dict(state_dict, assign=True)
+    return full_model.to(accelerator.device)
 
 
 def _evaluate(accelerator, model, processor, args, eval_records, state, label: str) -> None:

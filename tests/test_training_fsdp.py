@@ -1,0 +1,118 @@
+"""FSDP (torch's FSDP2, as Accelerate's `fsdp_version: 2` sets it up) on two CPU processes: training steps through
+the sharded model, evaluation, atomic checkpoints, resume, and the final `save_pretrained` / `save_adapter`.
+
+Accelerate 1.16 turns `--use_fsdp` into FSDP only on GPU-type devices: with ACCELERATE_USE_CPU=1 the same launch
+silently runs DDP. The launched script here (`FSDP_ON_CPU`) therefore starts Accelerate's process state on CPU
+(gloo) and then records the distributed type as multi-GPU, the one test-only change; from there on the run is
+Accelerate's own FSDP2 path: `fully_shard` of the model (and of its `_no_split_modules` layers), the optimizer
+switched to the shards, sharded (DCP) checkpoints and full state dicts.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pasam_hf import PASamModel
+
+from test_training import REPO, save_tiny_model, shape_records, subprocess_env, write_folder
+
+FSDP_ON_CPU = textwrap.dedent(
+    """
+    import runpy, sys
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    # Accelerate enables FSDP only for GPU-type distributed types; gloo CPU processes pass for one here.
+    PartialState(cpu=True)._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    target, sys.argv = sys.argv[1], sys.argv[1:]
+    if target == "-m":
+        sys.argv = sys.argv[1:]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(target, run_name="__main__")
+    """
+)
+
+
+def _free_port() -> str:
+    with socket.socket() as probe:  # other runs may hold Accelerate's default 29500
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def _launch(tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra: str, script=None):
+    """`accelerate launch` of 2 CPU processes, FSDP2 (`mode="fsdp"`) or DDP (`"ddp"`), on the same data and flags."""
+    if mode == "fsdp":
+        driver = tmp_path / "fsdp_on_cpu.py"
+        driver.write_text(FSDP_ON_CPU)
+        launcher = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+        script = [str(driver), *(script or [str(REPO / "examples" / "finetune.py")])]
+    else:
+        launcher = ["--multi_gpu"]
+        script = script or [str(REPO / "examples" / "finetune.py")]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(), *script,
+        "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--output-dir", str(output_dir),
+        "--batch-size", "1", "--max-steps", str(max_steps), "--checkpoint-every", "2", "--report-to", "none",
+        "--no-progress", "--max-instances-per-image", "1", "--no-augment", *extra,
+    ]
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def _check_saved_run(output_dir: Path, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved model reloads with from_pretrained, trained weights moved, frozen ones did not, and the adapter
+    holds the model's trained weights; returns the model's state dict."""
+    saved = PASamModel.from_pretrained(output_dir).state_dict()
+    assert saved.keys() == start.keys()
+    adapter = load_file(output_dir / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(torch.equal(adapter[name], saved[name]) for name in adapter)
+    assert any(not torch.equal(saved[name], start[name]) for name in adapter)
+    frozen = [name for name in saved if name not in adapter]
+    assert frozen and all(torch.equal(saved[name], start[name]) for name in frozen)
+    return saved
+
+
+@pytest.fixture
+def fsdp_run_inputs(tmp_path: Path) -> dict[str, torch.Tensor]:
+    save_tiny_model(tmp_path / "model")
+    write_folder(tmp_path / "data", shape_records(8))
+    return PASamModel.from_pretrained(tmp_path / "model").state_dict()
+
+
+def test_fsdp2_two_processes_train_evaluate_and_save(tmp_path: Path, fsdp_run_inputs) -> None:
+    """Before the fix the first step failed: the loop ran the image encoder on the unwrapped model, whose weights
+    FSDP holds as shards outside the prepared model's forward ("mixed torch.Tensor and DTensor")."""
+    run = _launch(tmp_path, "fsdp", tmp_path / "run", 2, "--eval-data", str(tmp_path / "data"))
+    assert "2 steps, final loss" in run.stdout and "step 2 evaluation: mIoU" in run.stdout
+    # Accelerate's FSDP checkpoint layout (DCP shards), not DDP's model.safetensors: FSDP really ran.
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+    _check_saved_run(tmp_path / "run", fsdp_run_inputs)
+
+
+@pytest.mark.heavy
+def test_fsdp2_resume_and_final_weights_equal_ddp(tmp_path: Path, fsdp_run_inputs) -> None:
+    """3 steps of DDP, and 2 steps of FSDP2 resumed (`pasam train --resume`) for a third: same data, seeds and
+    batch split (one sample per process and step), so the same prompts; the saved models are equal bit for bit
+    (gloo averages the two processes' gradients in the same order both ways, and Adam is elementwise)."""
+    _launch(tmp_path, "ddp", tmp_path / "ddp", 3)
+    ddp = _check_saved_run(tmp_path / "ddp", fsdp_run_inputs)
+    _launch(tmp_path, "fsdp", tmp_path / "fsdp", 2)
+    resumed = _launch(tmp_path, "fsdp", tmp_path / "fsdp", 3, "--resume", script=["-m", "pasam_hf", "train"])
+    assert "resumed from" in resumed.stdout and "(step 2, epoch 0)" in resumed.stdout
+    fsdp = _check_saved_run(tmp_path / "fsdp", fsdp_run_inputs)
+    different = [name for name in ddp if not torch.equal(ddp[name], fsdp[name])]
+    assert different == []
