@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from pasam_hf import PASamModel
 
-from test_training import REPO, save_tiny_model, shape_records, subprocess_env, write_folder
+from test_training import REPO, save_tiny_model, shape_records, subprocess_env, write_corrupt_pair, write_folder
 
 FSDP_ON_CPU = textwrap.dedent(
     """
@@ -93,11 +93,19 @@ def fsdp_run_inputs(tmp_path: Path) -> dict[str, torch.Tensor]:
 
 def test_fsdp2_two_processes_train_evaluate_and_save(tmp_path: Path, fsdp_run_inputs) -> None:
     """Before the fix the first step failed: the loop ran the image encoder on the unwrapped model, whose weights
-    FSDP holds as shards outside the prepared model's forward ("mixed torch.Tensor and DTensor")."""
-    run = _launch(tmp_path, "fsdp", tmp_path / "run", 2, "--eval-data", str(tmp_path / "data"))
-    assert "2 steps, final loss" in run.stdout and "step 2 evaluation: mIoU" in run.stdout
+    FSDP holds as shards outside the prepared model's forward ("mixed torch.Tensor and DTensor"); the evaluation
+    and the final save read those shards too. A broken file gives one process a batch with nothing to train on:
+    under FSDP the forward is collective, so both processes must skip it (the other one alone ran it, and gloo
+    aborted on the mismatched collectives)."""
+    write_corrupt_pair(tmp_path / "data", "broken")
+    run = _launch(tmp_path, "fsdp", tmp_path / "run", 5, "--eval-data", str(tmp_path / "data"), "--max-bad-fraction",
+                  "0.5")
+    # 9 samples on 2 processes: 5 batches each an epoch (Accelerate repeats one sample), one of them broken.
+    assert "epoch 0: skipped 1 of 10 samples that could not be used: broken (" in run.stdout
+    assert "5 steps, final loss" in run.stdout
+    assert "epoch 0 evaluation: mIoU" in run.stdout and "step 5 evaluation: mIoU" in run.stdout
     # Accelerate's FSDP checkpoint layout (DCP shards), not DDP's model.safetensors: FSDP really ran.
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000005"
     assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
     assert not (checkpoint / "model.safetensors").exists()
     _check_saved_run(tmp_path / "run", fsdp_run_inputs)

@@ -536,7 +536,7 @@ def train(
             if not streamed:
                 state.batches_in_pass = 0
             if evaluating:
-                full_model = _full_model(accelerator, model, unwrapped)
+                full_model = _full_model(accelerator, model, unwrapped, accelerator.device)
                 _evaluate(accelerator, full_model, processor, args, eval_records, state, f"epoch {epoch}")
                 evaluated_step = state.global_step
                 unwrapped.train()
@@ -563,7 +563,7 @@ def train(
     # ---------------------------------------------------------------------------------------------------------
     if evaluating and evaluated_step != state.global_step:
         # Stopped by --max-steps inside an epoch: the saved weights are evaluated too.
-        full_model = _full_model(accelerator, model, unwrapped)
+        full_model = _full_model(accelerator, model, unwrapped, accelerator.device)
         _evaluate(accelerator, full_model, processor, args, eval_records, state, f"step {state.global_step}")
         unwrapped.train()
     result.global_step = state.global_step
@@ -641,32 +641,33 @@ def _training_step(
 ) -> tuple[str, torch.Tensor | None]:
     """One forward/backward under gradient accumulation.
 
-    Returns `("ok", detached loss)`, or `("nonfinite", None)` when the loss was not finite on some process, or
-    `("no_data", None)` when some process had only bad samples. In both latter cases no process runs the backward
-    (DDP's all-reduce needs every process) and, on the micro-batch that would step, the gradients are dropped, so
-    the processes stay in sync.
+    Returns `("ok", detached loss)`, or `("no_data", None)` when some process had only bad samples, or
+    `("nonfinite", None)` when the loss was not finite on some process. In both latter cases no process runs the
+    backward (DDP's all-reduce needs every process) and, on the micro-batch that would step, the gradients are
+    dropped, so the processes stay in sync. Whether every process has data is agreed before the forward: under FSDP
+    the forward itself is collective (it gathers the weight shards), so every process runs it or none does.
     """
     usable = "labels" in batch
     with accelerator.accumulate(model):
-        loss = None
-        if usable:
-            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-            if batch.get("image_embeddings") is not None:
-                inputs["image_embeddings"] = batch["image_embeddings"]
-            else:
-                # The image encoder runs inside the prepared model's forward: FSDP (and DeepSpeed ZeRO-3) gather
-                # sharded weights only around that call, so a direct `unwrapped.get_image_embeddings` would meet
-                # weight shards. The encoder is frozen and its input needs no gradient: autograd records nothing.
-                inputs["pixel_values"] = batch["pixel_values"]
-            # With mixed precision the prepared model runs under autocast; the loss inside it opts out (fp32).
-            loss = model(multimask_output=False, **inputs).loss
-        finite = usable and bool(torch.isfinite(loss.detach()))
-        # Per process: has data, has a non-finite loss (ints: gloo gathers no bools).
-        flags = torch.tensor([[int(usable), int(usable and not finite)]], device=accelerator.device)
-        flags = accelerator.gather(flags)
-        if bool(flags[:, 1].any()) or not bool(flags[:, 0].all()):
+        # Per process: has data (ints: gloo gathers no bools).
+        if not bool(accelerator.gather(torch.tensor([int(usable)], device=accelerator.device)).all()):
             optimizer.zero_grad(set_to_none=True)  # a no-op except on the micro-batch that would step
-            return ("nonfinite" if bool(flags[:, 1].any()) else "no_data"), None
+            return "no_data", None
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        if batch.get("image_embeddings") is not None:
+            inputs["image_embeddings"] = batch["image_embeddings"]
+        else:
+            # The image encoder runs inside the prepared model's forward: FSDP (and DeepSpeed ZeRO-3) gather
+            # sharded weights only around that call, so a direct `unwrapped.get_image_embeddings` would meet
+            # weight shards. The encoder is frozen and its input needs no gradient: autograd records nothing.
+            inputs["pixel_values"] = batch["pixel_values"]
+        # With mixed precision the prepared model runs under autocast; the loss inside it opts out (fp32).
+        loss = model(multimask_output=False, **inputs).loss
+        # Per process: has a non-finite loss.
+        nonfinite = torch.tensor([int(not torch.isfinite(loss.detach()))], device=accelerator.device)
+        if bool(accelerator.gather(nonfinite).any()):
+            optimizer.zero_grad(set_to_none=True)
+            return "nonfinite", None
         accelerator.backward(loss)
         if accelerator.sync_gradients and args.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -717,13 +718,15 @@ def _end_of_epoch(
     tracker.reset()
 
 
-def _full_model(accelerator: Accelerator, model: torch.nn.Module, unwrapped: PASamModel) -> PASamModel | None:
+def _full_model(
+    accelerator: Accelerator, model: torch.nn.Module, unwrapped: PASamModel, device: torch.device | str = "cpu"
+) -> PASamModel | None:
     """The whole trained model, for evaluation and saving on the main process; call it on every process.
 
     With one process or DDP every process holds all the weights: that is `unwrapped` itself. FSDP and DeepSpeed
     (ZeRO-3) shard them over the processes, so `unwrapped` holds only this process's shards; there the full state
     dict is gathered (`accelerator.get_state_dict`, a collective: every process takes part) and loaded into a copy
-    on the main process. Returns `None` on the other processes then.
+    on `device` on the main process. Returns `None` on the other processes then.
     """
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return unwrapped
@@ -734,7 +737,7 @@ def _full_model(accelerator: Accelerator, model: torch.nn.Module, unwrapped: PAS
         full_model = type(unwrapped)(unwrapped.config)
     # assign=True: the gathered tensors become the weights as they are (their dtype; no second copy).
     full_model.load_state_dict(state_dict, assign=True)
-    return full_model.to(accelerator.device)
+    return full_model.to(device)
 
 
 def _evaluate(accelerator, model, processor, args, eval_records, state, label: str) -> None:
