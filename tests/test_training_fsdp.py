@@ -48,7 +48,7 @@ def _free_port() -> str:
         return str(probe.getsockname()[1])
 
 
-def _launch(tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra: str, script=None):
+def _launch(tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra: str, script=None, data=True):
     """`accelerate launch` of 2 CPU processes, FSDP2 (`mode="fsdp"`) or DDP (`"ddp"`), on the same data and flags."""
     if mode == "fsdp":
         driver = tmp_path / "fsdp_on_cpu.py"
@@ -61,10 +61,12 @@ def _launch(tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(), *script,
-        "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--output-dir", str(output_dir),
-        "--batch-size", "1", "--max-steps", str(max_steps), "--checkpoint-every", "2", "--report-to", "none",
-        "--no-progress", "--max-instances-per-image", "1", "--no-augment", *extra,
+        "--model", str(tmp_path / "model"), "--output-dir", str(output_dir), "--batch-size", "1", "--max-steps",
+        str(max_steps), "--checkpoint-every", "2", "--report-to", "none", "--no-progress", "--max-instances-per-image",
+        "1", *extra,
     ]
+    # The data, or (data=False) an embedding cache in `extra`, whose views were made with or without augmentation.
+    command += ["--data", str(tmp_path / "data"), "--no-augment"] if data else []
     env = dict(subprocess_env(), ACCELERATE_USE_CPU="1")
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -115,7 +117,8 @@ def test_fsdp2_two_processes_train_evaluate_and_save(tmp_path: Path, fsdp_run_in
 def test_fsdp2_resume_and_final_weights_equal_ddp(tmp_path: Path, fsdp_run_inputs) -> None:
     """3 steps of DDP, and 2 steps of FSDP2 resumed (`pasam train --resume`) for a third: same data, seeds and
     batch split (one sample per process and step), so the same prompts; the saved models are equal bit for bit
-    (gloo averages the two processes' gradients in the same order both ways, and Adam is elementwise)."""
+    (gloo averages the two processes' gradients in the same order both ways, and Adam is elementwise). So is a
+    3-step FSDP2 run from an fp32 embedding cache of the same (unaugmented) views."""
     _launch(tmp_path, "ddp", tmp_path / "ddp", 3)
     ddp = _check_saved_run(tmp_path / "ddp", fsdp_run_inputs)
     _launch(tmp_path, "fsdp", tmp_path / "fsdp", 2)
@@ -124,3 +127,12 @@ def test_fsdp2_resume_and_final_weights_equal_ddp(tmp_path: Path, fsdp_run_input
     fsdp = _check_saved_run(tmp_path / "fsdp", fsdp_run_inputs)
     different = [name for name in ddp if not torch.equal(ddp[name], fsdp[name])]
     assert different == []
+    # From the embedding cache (no image encoder in the step): the same views, so the same weights again.
+    cache = [sys.executable, "-m", "pasam_hf", "cache", "--data", str(tmp_path / "data"), "--model",
+             str(tmp_path / "model"), "--out", str(tmp_path / "cache"), "--views", "1", "--no-augment", "--dtype",
+             "float32"]
+    built = subprocess.run(cache, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=200)
+    assert built.returncode == 0, built.stderr[-2000:]
+    _launch(tmp_path, "fsdp", tmp_path / "cached", 3, "--embedding-cache", str(tmp_path / "cache"), data=False)
+    cached = _check_saved_run(tmp_path / "cached", fsdp_run_inputs)
+    assert [name for name in ddp if not torch.equal(ddp[name], cached[name])] == []
