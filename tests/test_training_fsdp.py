@@ -74,8 +74,11 @@ def _launch(tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra:
 
 
 def _check_saved_run(output_dir: Path, start: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The saved model reloads with from_pretrained, trained weights moved, frozen ones did not, and the adapter
-    holds the model's trained weights; returns the model's state dict."""
+    """The saved model holds the tensors a one-process save holds (tied weights once) and reloads with
+    from_pretrained, trained weights moved, frozen ones did not, and the adapter holds the model's trained weights;
+    returns the model's state dict."""
+    written = load_file(output_dir / "model.safetensors")
+    assert written.keys() == load_file(output_dir.parent / "model" / "model.safetensors").keys()
     saved = PASamModel.from_pretrained(output_dir).state_dict()
     assert saved.keys() == start.keys()
     adapter = load_file(output_dir / "adapter" / "adapter_model.safetensors")

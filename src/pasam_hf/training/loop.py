@@ -737,6 +737,8 @@ def _full_model(
         full_model = type(unwrapped)(unwrapped.config)
     # assign=True: the gathered tensors become the weights as they are (their dtype; no second copy).
     full_model.load_state_dict(state_dict, assign=True)
+    # The gathered dict holds the tied positional embedding twice; tie it again, so it is saved once, as SAM's.
+    full_model.tie_weights()
     return full_model.to(device)
 
 
