@@ -314,6 +314,13 @@ def train(
             "CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... (or set "
             "distributed_type MULTI_CPU in `accelerate config`)."
         )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        # Only FSDP2 is tested with this loop (docs/training.md); FSDP1 is what --use_fsdp gives by default.
+        raise ValueError(
+            "FSDP version 1 (Accelerate's default for --use_fsdp) is not supported by this training loop: use FSDP2 "
+            "(accelerate launch --use_fsdp --fsdp_version 2 ..., or fsdp_version: 2 in `accelerate config`), or DDP "
+            "(--multi_gpu), which is enough here: only about 1 M parameters train."
+        )
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
