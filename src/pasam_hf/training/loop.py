@@ -26,8 +26,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
-    GradientAccumulationPlugin,
     DistributedType,
+    GradientAccumulationPlugin,
     ProjectConfiguration,
     gather_object,
     set_seed,
