@@ -49,7 +49,8 @@ def _free_port() -> str:
 
 
 def _launch(
-    tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra: str, script=None, data=True, returncode=0
+    tmp_path: Path, mode: str, output_dir: Path, max_steps: int, *extra: str, script=None, data=True, returncode=0,
+    mixed_precision: str = "no",
 ):
     """`accelerate launch` of 2 CPU processes, FSDP2 (`mode="fsdp"`), FSDP1 (`"fsdp1"`) or DDP (`"ddp"`), on the same
     data and flags."""
@@ -66,10 +67,10 @@ def _launch(
         script = script or [str(REPO / "examples" / "finetune.py")]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _free_port(), *script,
+        "--mixed_precision", mixed_precision, "--dynamo_backend", "no", "--main_process_port", _free_port(), *script,
         "--model", str(tmp_path / "model"), "--output-dir", str(output_dir), "--batch-size", "1", "--max-steps",
         str(max_steps), "--checkpoint-every", "2", "--report-to", "none", "--no-progress", "--max-instances-per-image",
-        "1", *extra,
+        "1", "--mixed-precision", mixed_precision, *extra,
     ]
     # The data, or (data=False) an embedding cache in `extra`, whose views were made with or without augmentation.
     command += ["--data", str(tmp_path / "data"), "--no-augment"] if data else []
@@ -139,7 +140,8 @@ def test_fsdp2_resume_and_final_weights_equal_ddp(tmp_path: Path, fsdp_run_input
     """3 steps of DDP, and 2 steps of FSDP2 resumed (`pasam train --resume`) for a third: same data, seeds and
     batch split (one sample per process and step), so the same prompts; the saved models are equal bit for bit
     (gloo averages the two processes' gradients in the same order both ways, and Adam is elementwise). So is a
-    3-step FSDP2 run from an fp32 embedding cache of the same (unaugmented) views."""
+    3-step FSDP2 run from an fp32 embedding cache of the same (unaugmented) views. A bf16 FSDP2 run trains and
+    saves fp32 weights."""
     _launch(tmp_path, "ddp", tmp_path / "ddp", 3)
     ddp = _check_saved_run(tmp_path / "ddp", fsdp_run_inputs)
     _launch(tmp_path, "fsdp", tmp_path / "fsdp", 2)
@@ -157,3 +159,8 @@ def test_fsdp2_resume_and_final_weights_equal_ddp(tmp_path: Path, fsdp_run_input
     _launch(tmp_path, "fsdp", tmp_path / "cached", 3, "--embedding-cache", str(tmp_path / "cache"), data=False)
     cached = _check_saved_run(tmp_path / "cached", fsdp_run_inputs)
     assert [name for name in ddp if not torch.equal(ddp[name], cached[name])] == []
+    # bf16: FSDP2 computes in bf16 and keeps fp32 weights (Accelerate's MixedPrecisionPolicy); saved in fp32.
+    _launch(tmp_path, "fsdp", tmp_path / "bf16", 2, mixed_precision="bf16")
+    _check_saved_run(tmp_path / "bf16", fsdp_run_inputs)
+    written = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {tensor.dtype for tensor in written.values()} == {torch.float32}
