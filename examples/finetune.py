@@ -3,7 +3,7 @@
 
     # one process (CPU or one GPU)
     python examples/finetune.py --data ./my_data --model facebook/sam-vit-base --output-dir ./runs/pasam
-    # several GPUs / nodes, DDP as set up by `accelerate config` (FSDP, DeepSpeed: not tested, see docs/training.md)
+    # several GPUs / nodes, DDP or FSDP2 as set up by `accelerate config` (DeepSpeed: not tested; docs/training.md)
     accelerate launch examples/finetune.py --data ./my_data --model facebook/sam-vit-base --output-dir ./runs/pasam
     # several CPU processes (DDP over gloo; `--cpu --num_processes 2` would start only one)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/finetune.py ...

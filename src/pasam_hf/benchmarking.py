@@ -887,7 +887,7 @@ def training_batch(config: SamConfig, batch_size: int, seed: int, cached: bool, 
 def pasam_training_step(model: PASamModel, device: str = "cpu") -> Callable[[Mapping], torch.Tensor]:
     """The trainer's own step (`pasam_hf.training.loop._training_step`) on `model` with the release's trainable
     set (`mark_trainable`) and Adam: `step(batch)` runs forward, PA-SAM loss, backward and the optimizer step, and
-    returns the loss. A batch with `pixel_values` runs the frozen encoder under `no_grad` first, as the trainer
+    returns the loss. A batch with `pixel_values` runs the frozen encoder in the same forward, as the trainer
     does; one with `image_embeddings` (the embedding cache) skips it. Hard point mining is on (Gumbel top-k), as
     after the release's warm-up."""
     from accelerate import Accelerator
@@ -906,8 +906,8 @@ def pasam_training_step(model: PASamModel, device: str = "cpu") -> Callable[[Map
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
 
     def step(batch: Mapping) -> torch.Tensor:
-        loss = _training_step(accelerator, model, model, optimizer, dict(batch), args)
-        if loss is None:
+        outcome, loss = _training_step(accelerator, model, optimizer, dict(batch), args)
+        if outcome != "ok":
             raise RuntimeError("the benchmark's training step gave a non-finite loss; its timing would be wrong.")
         return loss
 

@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedType,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     gather_object,
@@ -332,6 +333,13 @@ def _train(
             "CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ... (or set "
             "distributed_type MULTI_CPU in `accelerate config`)."
         )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        # Only FSDP2 is tested with this loop (docs/training.md); FSDP1 is what --use_fsdp gives by default.
+        raise ValueError(
+            "FSDP version 1 (Accelerate's default for --use_fsdp) is not supported by this training loop: use FSDP2 "
+            "(accelerate launch --use_fsdp --fsdp_version 2 ..., or fsdp_version: 2 in `accelerate config`), or DDP "
+            "(--multi_gpu), which is enough here: only about 1 M parameters train."
+        )
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -494,7 +502,7 @@ def _train(
                 batch = collator(items)
                 bad_samples.add(_counted_samples(accelerator, items, args.batch_size))
                 _check_data_quality(accelerator, bad_samples)
-                outcome, loss = _training_step(accelerator, model, unwrapped, optimizer, batch, args)
+                outcome, loss = _training_step(accelerator, model, optimizer, batch, args)
                 if outcome != "ok" and accelerator.sync_gradients:
                     # The step's gradients were dropped: so is the loss of its earlier micro-batches.
                     running_loss.zero_()
@@ -559,7 +567,8 @@ def _train(
             if not streamed:
                 state.batches_in_pass = 0
             if evaluating:
-                _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"epoch {epoch}")
+                full_model = _full_model(accelerator, model, unwrapped, accelerator.device)
+                _evaluate(accelerator, full_model, processor, args, eval_records, state, f"epoch {epoch}")
                 evaluated_step = state.global_step
                 unwrapped.train()
         if stopped:
@@ -585,18 +594,20 @@ def _train(
     # ---------------------------------------------------------------------------------------------------------
     if evaluating and evaluated_step != state.global_step:
         # Stopped by --max-steps inside an epoch: the saved weights are evaluated too.
-        _evaluate(accelerator, unwrapped, processor, args, eval_records, state, f"step {state.global_step}")
+        full_model = _full_model(accelerator, model, unwrapped, accelerator.device)
+        _evaluate(accelerator, full_model, processor, args, eval_records, state, f"step {state.global_step}")
         unwrapped.train()
     result.global_step = state.global_step
     result.epochs_completed = state.epoch
     result.nonfinite_steps = state.nonfinite_steps
     _record_bad_samples(result, gather_object(bad_samples.details))  # those of an epoch stopped by --max-steps
     result.last_checkpoint = str(checkpoints.save(state))
+    full_model = _full_model(accelerator, model, unwrapped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        full_model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        save_adapter(unwrapped, output_dir / "adapter")
+        save_adapter(full_model, output_dir / "adapter")
         seconds = time.perf_counter() - started
         accelerator.print(
             f"done: {state.global_step} steps in {seconds:.0f} s; model in {output_dir}, adapter in "
@@ -655,37 +666,39 @@ class _StreamReader:
 def _training_step(
     accelerator: Accelerator,
     model: torch.nn.Module,
-    unwrapped: PASamModel,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Any],
     args: TrainingArguments,
 ) -> tuple[str, torch.Tensor | None]:
     """One forward/backward under gradient accumulation.
 
-    Returns `("ok", detached loss)`, or `("nonfinite", None)` when the loss was not finite on some process, or
-    `("no_data", None)` when some process had only bad samples. In both latter cases no process runs the backward
-    (DDP's all-reduce needs every process) and, on the micro-batch that would step, the gradients are dropped, so
-    the processes stay in sync.
+    Returns `("ok", detached loss)`, or `("no_data", None)` when some process had only bad samples, or
+    `("nonfinite", None)` when the loss was not finite on some process. In both latter cases no process runs the
+    backward (DDP's all-reduce needs every process) and, on the micro-batch that would step, the gradients are
+    dropped, so the processes stay in sync. Whether every process has data is agreed before the forward: under FSDP
+    the forward itself is collective (it gathers the weight shards), so every process runs it or none does.
     """
     usable = "labels" in batch
     with accelerator.accumulate(model):
-        loss = None
-        if usable:
-            inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-            image_embeddings = batch.get("image_embeddings")
-            if image_embeddings is None:
-                # The image encoder is frozen: run it without autograd (and without DDP's wrapper).
-                with torch.no_grad(), accelerator.autocast():
-                    image_embeddings = unwrapped.get_image_embeddings(batch["pixel_values"])
-            # With mixed precision the prepared model runs under autocast; the loss inside it opts out (fp32).
-            loss = model(image_embeddings=image_embeddings, multimask_output=False, **inputs).loss
-        finite = usable and bool(torch.isfinite(loss.detach()))
-        # Per process: has data, has a non-finite loss (ints: gloo gathers no bools).
-        flags = torch.tensor([[int(usable), int(usable and not finite)]], device=accelerator.device)
-        flags = accelerator.gather(flags)
-        if bool(flags[:, 1].any()) or not bool(flags[:, 0].all()):
+        # Per process: has data (ints: gloo gathers no bools).
+        if not bool(accelerator.gather(torch.tensor([int(usable)], device=accelerator.device)).all()):
             optimizer.zero_grad(set_to_none=True)  # a no-op except on the micro-batch that would step
-            return ("nonfinite" if bool(flags[:, 1].any()) else "no_data"), None
+            return "no_data", None
+        inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        if batch.get("image_embeddings") is not None:
+            inputs["image_embeddings"] = batch["image_embeddings"]
+        else:
+            # The image encoder runs inside the prepared model's forward: FSDP (and DeepSpeed ZeRO-3) gather
+            # sharded weights only around that call, so a direct `unwrapped.get_image_embeddings` would meet
+            # weight shards. The encoder is frozen and its input needs no gradient: autograd records nothing.
+            inputs["pixel_values"] = batch["pixel_values"]
+        # With mixed precision the prepared model runs under autocast; the loss inside it opts out (fp32).
+        loss = model(multimask_output=False, **inputs).loss
+        # Per process: has a non-finite loss.
+        nonfinite = torch.tensor([int(not torch.isfinite(loss.detach()))], device=accelerator.device)
+        if bool(accelerator.gather(nonfinite).any()):
+            optimizer.zero_grad(set_to_none=True)
+            return "nonfinite", None
         accelerator.backward(loss)
         if accelerator.sync_gradients and args.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -801,6 +814,30 @@ def _end_of_epoch(
         )
     _check_data_quality(accelerator, tracker, epoch_complete=True)
     tracker.reset()
+
+
+def _full_model(
+    accelerator: Accelerator, model: torch.nn.Module, unwrapped: PASamModel, device: torch.device | str = "cpu"
+) -> PASamModel | None:
+    """The whole trained model, for evaluation and saving on the main process; call it on every process.
+
+    With one process or DDP every process holds all the weights: that is `unwrapped` itself. FSDP and DeepSpeed
+    (ZeRO-3) shard them over the processes, so `unwrapped` holds only this process's shards; there the full state
+    dict is gathered (`accelerator.get_state_dict`, a collective: every process takes part) and loaded into a copy
+    on `device` on the main process. Returns `None` on the other processes then.
+    """
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return unwrapped
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    with torch.device("meta"):
+        full_model = type(unwrapped)(unwrapped.config)
+    # assign=True: the gathered tensors become the weights as they are (their dtype; no second copy).
+    full_model.load_state_dict(state_dict, assign=True)
+    # The gathered dict holds the tied positional embedding twice; tie it again, so it is saved once, as SAM's.
+    full_model.tie_weights()
+    return full_model.to(device)
 
 
 def _evaluate(accelerator, model, processor, args, eval_records, state, label: str) -> None:
