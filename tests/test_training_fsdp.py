@@ -112,8 +112,9 @@ def test_fsdp2_two_processes_train_evaluate_and_save(tmp_path: Path, fsdp_run_in
     write_corrupt_pair(tmp_path / "data", "broken")
     run = _launch(tmp_path, "fsdp", tmp_path / "run", 5, "--eval-data", str(tmp_path / "data"), "--max-bad-fraction",
                   "0.5")
-    # 9 samples on 2 processes: 5 batches each an epoch (Accelerate repeats one sample), one of them broken.
-    assert "epoch 0: skipped 1 of 10 samples that could not be used: broken (" in run.stdout
+    # 9 samples on 2 processes: 5 batches each an epoch (Accelerate repeats one sample to even them out, which is
+    # not counted as a sample), one of them broken.
+    assert "epoch 0: skipped 1 of 9 samples that could not be used: broken (" in run.stdout
     assert "5 steps, final loss" in run.stdout
     assert "epoch 0 evaluation: mIoU" in run.stdout and "step 5 evaluation: mIoU" in run.stdout
     # Accelerate's FSDP checkpoint layout (DCP shards), not DDP's model.safetensors: FSDP really ran.
