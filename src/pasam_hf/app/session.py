@@ -104,8 +104,9 @@ class Session:
             return self._view(f"Unknown click mode {mode!r}; choose one of: {', '.join(CLICK_MODES)}.")
         height, width = self.image.shape[:2]
         if not (np.isfinite([x, y]).all() and 0 <= x < width and 0 <= y < height):
+            where = f"at ({x:g}, {y:g}) " if np.isfinite([x, y]).all() else ""
             return self._view(
-                f"The click at ({x:g}, {y:g}) is outside the {width}x{height} image; click on the picture itself."
+                f"The click {where}is outside the {width}x{height} image; click on the picture itself."
             )
         previous = (self.prompt, self.corner)
         if mode == BOX and self.corner is None:

@@ -99,9 +99,9 @@ def build_app(engine: SegmentationEngine, notice: str | None = None, source: str
                                                       elem_id="json-download")
         candidates = gr.Gallery(label="Multimask: SAM's three masks", columns=3, visible=False,
                                 elem_id="candidates", allow_preview=False)
-        explain_view = gr.Image(label="Explain: image and mined points, coarse mask C, refined mask R, "
-                                      "uncertainty U, final mask", interactive=False, visible=False,
-                                elem_id="explain-view")
+        # The panel titles its own tiles (image and mined points, coarse C, refined R, uncertainty U, final mask).
+        explain_view = gr.Image(label="Explain", show_label=False, interactive=False, visible=False,
+                                elem_id="explain-view", buttons=[])
         with gr.Accordion("Segment everything", open=False):
             with gr.Row():
                 points_per_side = gr.Slider(4, 64, value=32, step=1, label="points per side (grid)")
@@ -116,7 +116,11 @@ def build_app(engine: SegmentationEngine, notice: str | None = None, source: str
 
         outputs = [state, canvas, status, candidates, explain_view, mask_download, json_download]
 
-        upload.upload(_guarded(lambda session, path: session.load(engine, path)), [state, upload], outputs)
+        def load(session: Session, path: str | None) -> tuple:
+            # The drop zone is emptied again, ready for the next file; the picture shows in the canvas.
+            return (*_guarded(lambda s: s.load(engine, path))(session), None)
+
+        upload.upload(load, [state, upload], [*outputs, upload])
         for name, button in example_buttons.items():
             button.click(
                 _guarded(lambda session, picture=examples[name], name=name: session.load(engine, picture, name)),
@@ -124,7 +128,9 @@ def build_app(engine: SegmentationEngine, notice: str | None = None, source: str
             )
 
         def click(session: Session, mode_value: str, multi: bool, expl: bool, event: gr.SelectData) -> tuple:
-            x, y = (float(v) for v in event.index[:2])
+            # Gradio gives pixel coordinates of the picture, or no index for a click beside it (letterbox).
+            index = event.index if isinstance(event.index, (list, tuple)) and len(event.index) >= 2 else None
+            x, y = (float(v) for v in index[:2]) if index else (float("nan"), float("nan"))
             return _guarded(lambda s: s.click(engine, x, y, mode_value, multi, expl))(session)
 
         canvas.select(click, [state, mode, multimask, explain], outputs)
