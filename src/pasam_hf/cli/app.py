@@ -7,6 +7,7 @@ random weights, and says so on the page. It runs offline: no analytics, no share
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from . import CLIError
 
@@ -18,16 +19,15 @@ def run_app(args: argparse.Namespace) -> int:
         raise CLIError(f"--port {args.port} is not a TCP port; use 1-65535 (or leave it out for 7860 or the next free).")
     if args.cache_size < 1:
         raise CLIError(f"--cache-size is {args.cache_size}; keep at least 1 image.")
-    try:
-        from ..app import ui
-    except ModuleNotFoundError as error:
-        if error.name != "gradio":
-            raise
-        raise CLIError('pasam app needs Gradio: pip install "pasam-hf[app]" (or pip install gradio).') from error
+    if importlib.util.find_spec("gradio") is None:
+        raise CLIError('pasam app needs Gradio: pip install "pasam-hf[app]" (or pip install gradio).')
     from ..app.models import load_app_model
 
     device = resolve_device(args.device)
+    # The model first: a wrong --model is reported before the page is built.
     app_model = load_app_model(args.model, device=device, dtype=args.dtype)
+    from ..app import ui
+
     print(f"pasam app: serving {app_model.source} on {device}"
           + (" (random weights: see the note on the page)" if app_model.source == "random" else ""), flush=True)
     ui.serve(app_model, host=args.host, port=args.port, share=args.share, cache_size=args.cache_size)
