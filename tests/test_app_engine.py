@@ -243,3 +243,18 @@ def test_example_images_are_procedural_and_fixed() -> None:
     for name, picture in first.items():
         assert picture.dtype == np.uint8 and picture.ndim == 3
         assert np.array_equal(picture, second[name])
+
+
+def test_default_model_is_the_demo_model_else_random(model, processor, tmp_path) -> None:
+    from pasam_hf.app.models import load_app_model
+
+    served = load_app_model(demo_dir=tmp_path / "pasam-demo" / "model")
+    assert served.source == "random" and "random weights" in served.notice and "pasam convert" in served.notice
+    model.save_pretrained(tmp_path / "pasam-demo" / "model")
+    processor.save_pretrained(tmp_path / "pasam-demo" / "model")
+    served = load_app_model(demo_dir=tmp_path / "pasam-demo" / "model")
+    assert served.source == str(tmp_path / "pasam-demo" / "model") and "`pasam demo` wrote" in served.notice
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(served.model.state_dict()[name], tensor), name
+    # A model the user chose carries no notice.
+    assert load_app_model(str(tmp_path / "pasam-demo" / "model")).notice is None
