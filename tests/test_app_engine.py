@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import PIL.Image
@@ -258,3 +259,13 @@ def test_default_model_is_the_demo_model_else_random(model, processor, tmp_path)
         assert torch.equal(served.model.state_dict()[name], tensor), name
     # A model the user chose carries no notice.
     assert load_app_model(str(tmp_path / "pasam-demo" / "model")).notice is None
+
+
+def test_close_deletes_the_download_files(engine, session) -> None:
+    view = session.click(engine, 100, 75)
+    folder = os.path.dirname(view.mask_file)
+    assert os.path.isfile(view.mask_file)
+    session.close()
+    assert not os.path.exists(folder)
+    # The session still works afterwards (a new folder).
+    assert os.path.isfile(session.click(engine, 100, 80).mask_file)

@@ -38,7 +38,9 @@ def test_space_readme_has_the_spaces_metadata() -> None:
         assert key in header
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason='gradio is not installed (pip install "pasam-hf[app]")')
+@pytest.mark.skipif(
+    importlib.util.find_spec("gradio") is None, reason='gradio is not installed (pip install "pasam-hf[app]")'
+)
 def test_space_app_builds_the_same_page(monkeypatch, tmp_path) -> None:
     import gradio as gr
 

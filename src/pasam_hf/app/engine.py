@@ -255,7 +255,9 @@ class SegmentationEngine:
             )[0]
             return frame[0].numpy()
 
-        result = Segmentation(masks=to_image(outputs.pred_masks, True), scores=outputs.iou_scores[0, 0].float().cpu().numpy())
+        result = Segmentation(
+            masks=to_image(outputs.pred_masks, True), scores=outputs.iou_scores[0, 0].float().cpu().numpy()
+        )
         if explain:
             from ..visualization import input_frame_to_image_points
 

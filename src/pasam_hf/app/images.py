@@ -87,7 +87,8 @@ def read_upload(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels: i
                 if opened.format == "JPEG" and max(width, height) > 2 * max_side:
                     # JPEG decodes at 1/2, 1/4 or 1/8 scale directly: no full-size copy for large photos.
                     longest = max(width, height)
-                    drafted = opened.draft("RGB", (width * max_side // longest, height * max_side // longest)) is not None
+                    target = (width * max_side // longest, height * max_side // longest)
+                    drafted = opened.draft("RGB", target) is not None
                 opened.load()
                 image = to_rgb_uint8(opened, name=name)
     except AppInputError:

@@ -12,6 +12,7 @@ and results.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,9 +173,16 @@ class Session:
         picture = np.asarray(color_overlay(masks, image=self.image)) if masks else self.image
         path = write_coco_json(masks, scores, self._file("everything.json"), self.name, self.image.shape[:2])
         hint = "" if masks else " Lower the predicted IoU and stability thresholds to keep more."
-        return picture, f"{len(masks)} mask{'s' * (len(masks) != 1)} from a {int(points_per_side)}^2 point grid.{hint}", str(path)
+        count = f"{len(masks)} mask{'s' * (len(masks) != 1)}"
+        return picture, f"{count} from a {int(points_per_side)} x {int(points_per_side)} point grid.{hint}", str(path)
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def close(self) -> None:
+        """Delete the session's download files (when its browser tab is gone)."""
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
     def _reset(self) -> None:
         self.prompt, self.corner, self.history, self.result = Prompt(), None, [], None
 

@@ -75,7 +75,8 @@ def build_app(engine: SegmentationEngine, notice: str | None = None, source: str
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         if notice:
             gr.Markdown(notice, elem_id="notice")
-        state = gr.State(Session())
+        # One Session per browser session; its download files go when Gradio drops the session.
+        state = gr.State(Session(), delete_callback=Session.close)
         with gr.Row():
             with gr.Column(scale=3):
                 canvas = gr.Image(label="Image: click to add prompts", type="numpy", interactive=False,

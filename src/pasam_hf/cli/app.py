@@ -16,7 +16,7 @@ def run_app(args: argparse.Namespace) -> int:
     from .segment import resolve_device
 
     if args.port is not None and not 0 < args.port < 65536:
-        raise CLIError(f"--port {args.port} is not a TCP port; use 1-65535 (or leave it out for 7860 or the next free).")
+        raise CLIError(f"--port {args.port} is not a TCP port; use 1-65535 (or leave it out: 7860 or the next free).")
     if args.cache_size < 1:
         raise CLIError(f"--cache-size is {args.cache_size}; keep at least 1 image.")
     if importlib.util.find_spec("gradio") is None:
