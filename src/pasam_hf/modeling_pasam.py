@@ -935,6 +935,8 @@ class PASamModel(SamModel):
         r"""The guiding branch's output, PA-SAM's counterpart of [`get_image_embeddings`]: it depends on the image
         alone, so an interactive tool computes it once per image and passes it to `forward` as
         `adapter_embeddings` (with `image_embeddings`) for every prompt; the masks are those of the uncached call.
+        Computed without gradients, like `get_image_embeddings`: to train the guiding branch, pass
+        `adapter_pixel_values` to `forward` instead.
 
         Args:
             adapter_pixel_values (`torch.Tensor` of shape `(batch_size, 4, 4h, 4w)`): as returned by
