@@ -172,7 +172,7 @@ def test_click_to_segment_in_the_browser(app_url, browser, tmp_path) -> None:
     _status_contains(page, "best of 3 masks")
     page.wait_for_function("document.querySelectorAll('#candidates img').length === 3", timeout=30_000)
     page.wait_for_timeout(500)
-    page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+    page.screenshot(path=str(tmp_path / "app.jpg"), full_page=True, type="jpeg", quality=80)
 
     # A second visitor has a page of their own.
     other = browser.new_page()
@@ -195,5 +195,5 @@ def test_click_to_segment_in_the_browser(app_url, browser, tmp_path) -> None:
     hosts = {url.split("/")[2] for url in requests if url.startswith("http")}
     assert hosts == {app_url.split("/")[2]}, hosts
     page.close()
-    # docs/images/app.png is this picture from a run of this test (pytest --basetemp=DIR keeps it in DIR).
-    assert (tmp_path / "app.png").stat().st_size > 10_000
+    # docs/images/app.jpg is this picture from a run of this test (pytest --basetemp=DIR keeps it in DIR).
+    assert (tmp_path / "app.jpg").stat().st_size > 10_000
