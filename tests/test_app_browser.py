@@ -127,6 +127,19 @@ def _changed(before: np.ndarray, after: np.ndarray) -> float:
     return float((np.abs(before.astype(int) - after.astype(int)).sum(axis=-1) > 30).mean())
 
 
+def _canvas_changes(page, before: np.ndarray, fraction: float, timeout: float = 20.0) -> np.ndarray:
+    """The canvas once at least `fraction` of its pixels differ from `before` (the new picture arrives after the
+    status text: the browser fetches and decodes it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _canvas_pixels(page)
+        if _changed(before, now) > fraction:
+            return now
+        if time.monotonic() > deadline:
+            pytest.fail(f"the picture changed in only {_changed(before, now):.4f} of its pixels within {timeout} s")
+        page.wait_for_timeout(200)
+
+
 def test_click_to_segment_in_the_browser(app_url, browser, tmp_path) -> None:
     photo = tmp_path / "photo.png"
     PIL.Image.fromarray(synthetic_photo(360, 480, seed=5)).save(photo)
@@ -139,24 +152,22 @@ def test_click_to_segment_in_the_browser(app_url, browser, tmp_path) -> None:
     # Upload a photo: it is shown, features computed.
     page.locator("#upload input[type=file]").set_input_files(str(photo))
     _status_contains(page, "Click on an object")
-    page.locator("#canvas img").first.wait_for()
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#canvas img'); return img && img.complete && img.naturalWidth; }"
+    )
     plain = _canvas_pixels(page)
 
     # A click: the overlay appears.
     _click_canvas(page, 0.5, 0.5)
-    status = _status_contains(page, "1 foreground point: mask of")
-    page.wait_for_timeout(300)
-    first = _canvas_pixels(page)
-    assert _changed(plain, first) > 0.01, status
+    _status_contains(page, "1 foreground point: mask of")
+    first = _canvas_changes(page, plain, 0.01)
     assert page.locator("#mask-download").is_visible()
 
     # A negative point changes it.
     page.get_by_label("background point").check()
     _click_canvas(page, 0.15, 0.2)
     _status_contains(page, "1 foreground point, 1 background point")
-    page.wait_for_timeout(300)
-    second = _canvas_pixels(page)
-    assert _changed(first, second) > 0.0005
+    _canvas_changes(page, first, 0.0005)
 
     # A box by two clicks.
     page.get_by_label("box (two corners)").check()
