@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -79,7 +80,7 @@ def test_clicks_give_the_masks_of_the_model_called_directly(model, processor, en
     best = int(np.argmax(scores))
     assert np.array_equal(np.asarray(PIL.Image.open(view.mask_file)) > 0, masks[best])
     assert len(view.candidates) == (3 if multimask else 0)
-    document = json.loads(open(view.json_file).read())
+    document = json.loads(Path(view.json_file).read_text())
     assert document["image"] == {"file_name": "disc", "height": image.shape[0], "width": image.shape[1]}
     for annotation, mask in zip(document["annotations"], masks):
         segmentation = annotation["segmentation"]
@@ -232,7 +233,7 @@ def test_segment_everything_reports_progress_and_writes_coco_json(model, process
     generator = pipeline("mask-generation", model=model, image_processor=processor.image_processor)
     expected = generator(PIL.Image.fromarray(image), points_per_batch=6, points_per_crop=4, pred_iou_thresh=0.0,
                          stability_score_thresh=0.0)
-    document = json.loads(open(path).read())
+    document = json.loads(Path(path).read_text())
     assert len(document["annotations"]) == len(expected["masks"]) > 0
     assert f"{len(expected['masks'])} mask" in message
     assert picture.shape == image.shape

@@ -13,8 +13,8 @@ from .engine import AppInputError, FeatureCache, ImageFeatures, Prompt, Segmenta
 from .session import CLICK_MODES, Session, View
 
 __all__ = [
-    "AppInputError",
     "CLICK_MODES",
+    "AppInputError",
     "FeatureCache",
     "ImageFeatures",
     "Prompt",

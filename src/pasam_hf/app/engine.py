@@ -19,7 +19,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import PIL.Image
@@ -46,10 +46,10 @@ class Prompt:
     def is_empty(self) -> bool:
         return not self.points and self.box is None
 
-    def with_point(self, x: float, y: float, label: int) -> "Prompt":
+    def with_point(self, x: float, y: float, label: int) -> Prompt:
         return Prompt(self.points + ((float(x), float(y)),), self.labels + (int(label),), self.box)
 
-    def with_box(self, box: tuple[float, float, float, float]) -> "Prompt":
+    def with_box(self, box: tuple[float, float, float, float]) -> Prompt:
         return Prompt(self.points, self.labels, tuple(float(v) for v in box))
 
 

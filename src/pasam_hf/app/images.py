@@ -131,4 +131,4 @@ def example_images() -> dict[str, np.ndarray]:
     }
 
 
-__all__ = ["LoadedImage", "MAX_PIXELS", "MAX_SIDE", "downscale", "example_images", "read_array", "read_upload"]
+__all__ = ["MAX_PIXELS", "MAX_SIDE", "LoadedImage", "downscale", "example_images", "read_array", "read_upload"]

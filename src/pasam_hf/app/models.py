@@ -79,4 +79,4 @@ def load_app_model(
     return AppModel(loaded, processor, source="random", notice=RANDOM_NOTICE)
 
 
-__all__ = ["AppModel", "DEMO_MODEL_DIR", "load_app_model", "random_model"]
+__all__ = ["DEMO_MODEL_DIR", "AppModel", "load_app_model", "random_model"]

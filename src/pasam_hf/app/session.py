@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -231,7 +231,7 @@ class Session:
         if self.corner is not None:
             picture = picture.copy()
             size = max(8, round(max(self.image.shape[:2]) / 50))
-            center = tuple(int(round(v)) for v in self.corner)
+            center = tuple(round(v) for v in self.corner)
             cv2.drawMarker(picture, center, BOX_COLOR, cv2.MARKER_CROSS, size, max(1, size // 6))
         return picture
 

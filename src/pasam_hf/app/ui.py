@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 # Gradio reads this when it is imported: no usage analytics and no version check.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
