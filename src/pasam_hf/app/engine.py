@@ -230,7 +230,7 @@ class SegmentationEngine:
         """The masks of one prompt on `image`: the cached features, the prompt encoder and the mask decoder.
 
         Args:
-            image (`np.ndarray` of shape `(H, W, 3)`, uint8).
+            image (`np.ndarray` of shape `(H, W, 3)`, uint8): the image as the page shows it.
             prompt ([`Prompt`]): points and/or a box in image pixels.
             multimask (`bool`): SAM's three candidate masks instead of PA-SAM's single refined one.
             explain (`bool`): also bring the adapter's coarse/refined/uncertainty maps and mined points to the image.
