@@ -35,7 +35,7 @@ from .processing_pasam import PASamProcessor
 
 # A checkout's ../shared/data (as the tests use it); PASAM_SHARED_DATA points elsewhere.
 DEFAULT_DATA = Path(os.environ.get("PASAM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
-BENCHMARKS = ("decoder", "e2e", "processor", "amg", "memory", "precision", "train")
+BENCHMARKS = ("decoder", "e2e", "processor", "amg", "memory", "precision", "train", "app")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -987,7 +987,15 @@ BENCHMARK_FUNCTIONS: dict[str, Callable[[BenchmarkSettings], BenchmarkTable]] = 
     "memory": bench_memory,
     "precision": bench_precision,
     "train": bench_training,
+    "app": lambda settings: _bench_app(settings),
 }
+
+
+def _bench_app(settings: BenchmarkSettings) -> BenchmarkTable:
+    # Imported when run: pasam_hf.app builds on this module.
+    from .app.benchmark import bench_app
+
+    return bench_app(settings)
 
 
 def run_benchmarks(names: Iterable[str], settings: BenchmarkSettings) -> list[BenchmarkTable]:

@@ -787,11 +787,12 @@ class PASamMaskDecoder(SamMaskDecoder):
         sparse_prompt_embeddings: Tensor | None,
         dense_prompt_embeddings: Tensor,
         multimask_output: bool,
-        adapter_pixel_values: Tensor,
+        adapter_pixel_values: Tensor | None,
         point_label_embeddings: Tensor,
         mine_points: bool,
         attention_similarity: Tensor | None = None,
         target_embedding: Tensor | None = None,
+        adapter_embeddings: Tensor | None = None,
     ) -> PASamMaskDecoderOutput:
         r"""
         Args:
@@ -801,9 +802,12 @@ class PASamMaskDecoder(SamMaskDecoder):
             dense_prompt_embeddings (`torch.Tensor` of shape `(B, C, h, w)` or `(B, P, C, h, w)`): mask prompt (per
                 image, or per prompt) or no-mask embedding.
             multimask_output (`bool`): return SAM's three multimask outputs instead of the (refined) first mask.
-            adapter_pixel_values (`torch.Tensor` of shape `(B, 4, 4h, 4w)`): guiding branch input.
+            adapter_pixel_values (`torch.Tensor` of shape `(B, 4, 4h, 4w)`): guiding branch input; `None` when
+                `adapter_embeddings` is given.
             point_label_embeddings (`torch.Tensor` of shape `(2, C)`): negative and positive point embeddings.
             mine_points (`bool`): whether the adapter mines hard points.
+            adapter_embeddings (`torch.Tensor` of shape `(B, C, h, w)`, *optional*): the guiding branch's output
+                computed beforehand ([`PASamModel.get_adapter_embeddings`]); the branch is then skipped.
         """
         batch_size, _, height, width = image_embeddings.shape
         if sparse_prompt_embeddings is not None:
@@ -818,8 +822,14 @@ class PASamMaskDecoder(SamMaskDecoder):
             tokens = output_tokens
         point_embeddings = tokens.to(self.iou_token.weight.dtype)
 
-        # The guiding branch runs once per image, not once per prompt.
-        guiding_embedding = self.guiding_tokens(adapter_pixel_values.to(self.iou_token.weight.dtype)).unsqueeze(1)
+        # The guiding branch runs once per image, not once per prompt (or not at all when its output is given).
+        if adapter_embeddings is None:
+            guiding_embedding = self.guiding_tokens(adapter_pixel_values.to(self.iou_token.weight.dtype))
+        else:
+            # (B, C, h, w) -> (B, N, C); for get_adapter_embeddings' output this is a view of the branch's tokens.
+            guiding_embedding = adapter_embeddings.to(self.iou_token.weight.dtype).flatten(2).transpose(1, 2)
+            guiding_embedding = guiding_embedding.contiguous()
+        guiding_embedding = guiding_embedding.unsqueeze(1)
 
         # Not repeated per prompt (SAM repeats both): the transformer broadcasts what all prompts share.
         if dense_prompt_embeddings.ndim == 5:
@@ -927,6 +937,48 @@ class PASamModel(SamModel):
         """
         return super().get_image_embeddings(pixel_values.to(self._encoder_dtype()), **kwargs)
 
+    @torch.no_grad()
+    def get_adapter_embeddings(self, adapter_pixel_values: Tensor) -> Tensor:
+        r"""The guiding branch's output, PA-SAM's counterpart of [`get_image_embeddings`]: it depends on the image
+        alone, so an interactive tool computes it once per image and passes it to `forward` as
+        `adapter_embeddings` (with `image_embeddings`) for every prompt; the masks are those of the uncached call.
+        Computed without gradients, like `get_image_embeddings`: to train the guiding branch, pass
+        `adapter_pixel_values` to `forward` instead.
+
+        Args:
+            adapter_pixel_values (`torch.Tensor` of shape `(batch_size, 4, 4h, 4w)`): as returned by
+                [`PASamProcessor`] (or [`compute_adapter_pixel_values`]), `(batch_size, 4, 256, 256)` at SAM's 1024.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, hidden_size, h, w)` (`(batch_size, 256, 64, 64)` at SAM's 1024), in
+            the mask decoder's dtype.
+
+        Example:
+
+        ```python
+        >>> inputs = processor(images=image, return_tensors="pt")
+        >>> image_embeddings = model.get_image_embeddings(inputs["pixel_values"])
+        >>> adapter_embeddings = model.get_adapter_embeddings(inputs["adapter_pixel_values"])
+        >>> prompts = processor(images=image, input_points=[[[[450, 600]]]], return_tensors="pt")  # every click
+        >>> outputs = model(image_embeddings=image_embeddings, adapter_embeddings=adapter_embeddings,
+        ...                 input_points=prompts["input_points"])
+        ```
+        """
+        self._check_adapter_pixel_values(adapter_pixel_values, adapter_pixel_values.shape[0])
+        decoder = self.mask_decoder
+        tokens = decoder.guiding_tokens(adapter_pixel_values.to(decoder.iou_token.weight.dtype))
+        side = self.config.prompt_encoder_config.image_embedding_size
+        # A view of the (B, N, C) tokens: forward's flatten and transpose give them back without a copy.
+        return tokens.transpose(1, 2).unflatten(2, (side, side))
+
+    def _check_adapter_pixel_values(self, adapter_pixel_values: Tensor, batch_size: int) -> None:
+        expected = (batch_size, 4, self.adapter_size, self.adapter_size)
+        if tuple(adapter_pixel_values.shape) != expected:
+            raise ValueError(
+                f"adapter_pixel_values must have shape {expected}, got {tuple(adapter_pixel_values.shape)}; "
+                "use the PASamProcessor that ships with this checkpoint to make it."
+            )
+
     def _encoder_dtype(self) -> torch.dtype:
         return self.vision_encoder.patch_embed.projection.weight.dtype
 
@@ -969,6 +1021,7 @@ class PASamModel(SamModel):
         adapter_pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
         mine_points: bool | None = None,
+        adapter_embeddings: Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PASamImageSegmentationOutput:
         r"""
@@ -976,7 +1029,8 @@ class PASamModel(SamModel):
 
         adapter_pixel_values (`torch.Tensor` of shape `(batch_size, 4, 256, 256)`, *optional*):
             Input of the guiding branch (SAM pixel values at 256 and their Canny edge map), as returned by
-            [`PASamProcessor`]. Computed from `pixel_values` when omitted; required with `image_embeddings`.
+            [`PASamProcessor`]. Computed from `pixel_values` when omitted; with `image_embeddings`, give it or
+            `adapter_embeddings`.
         input_masks (`torch.Tensor` of shape `(batch_size, point_batch_size, 256, 256)`, *optional*):
             Mask logits as prompts, one per prompt; `(batch_size, 1, 256, 256)` is SAM's one mask per image.
         multimask_output (`bool`, *optional*, defaults to `config.multimask_output`, i.e. `False`):
@@ -989,6 +1043,10 @@ class PASamModel(SamModel):
         mine_points (`bool`, *optional*):
             Override hard point mining: defaults to always in eval mode and to
             `config.mask_decoder_config.point_mining_in_training` in training mode.
+        adapter_embeddings (`torch.Tensor` of shape `(batch_size, hidden_size, 64, 64)`, *optional*):
+            The guiding branch's output from [`get_adapter_embeddings`], instead of `adapter_pixel_values`: with
+            `image_embeddings`, everything that depends on the image alone is computed once and each prompt costs
+            only the prompt encoder and the mask decoder. The masks equal those of the uncached call.
         """
         if pixel_values is None and image_embeddings is None:
             raise ValueError("Either pixel_values or image_embeddings must be provided.")
@@ -1024,12 +1082,26 @@ class PASamModel(SamModel):
                     "per image (several prompts per image go in the second dimension)."
                 )
 
-        if adapter_pixel_values is None:
+        if adapter_embeddings is not None:
+            if adapter_pixel_values is not None:
+                raise ValueError(
+                    "Only one of adapter_pixel_values and adapter_embeddings can be provided: adapter_embeddings is "
+                    "the guiding branch's output for them (model.get_adapter_embeddings(adapter_pixel_values))."
+                )
+            side = self.config.prompt_encoder_config.image_embedding_size
+            expected = (batch_size, self.config.mask_decoder_config.hidden_size, side, side)
+            if tuple(adapter_embeddings.shape) != expected:
+                raise ValueError(
+                    f"adapter_embeddings must have shape {expected}, got {tuple(adapter_embeddings.shape)}; make "
+                    "them with model.get_adapter_embeddings(adapter_pixel_values) of this model."
+                )
+        elif adapter_pixel_values is None:
             if pixel_values is None:
                 raise ValueError(
                     "adapter_pixel_values is required when image_embeddings are given: the guiding branch needs the "
                     "image. Pass the `adapter_pixel_values` returned by PASamProcessor (or "
-                    "`model.compute_adapter_pixel_values(pixel_values)`) together with image_embeddings."
+                    "`model.compute_adapter_pixel_values(pixel_values)`), or their `model.get_adapter_embeddings(...)`"
+                    " as adapter_embeddings, together with image_embeddings."
                 )
             if torch.compiler.is_exporting():
                 # torch.compile runs the host-side edge map outside its graph; an exported program has no outside.
@@ -1039,12 +1111,8 @@ class PASamModel(SamModel):
                     "before calling the exported program) as an input of the exported model."
                 )
             adapter_pixel_values = self.compute_adapter_pixel_values(pixel_values)
-        expected = (batch_size, 4, self.adapter_size, self.adapter_size)
-        if tuple(adapter_pixel_values.shape) != expected:
-            raise ValueError(
-                f"adapter_pixel_values must have shape {expected}, got {tuple(adapter_pixel_values.shape)}; "
-                "use the PASamProcessor that ships with this checkpoint to make it."
-            )
+        if adapter_pixel_values is not None:
+            self._check_adapter_pixel_values(adapter_pixel_values, batch_size)
         if multimask_output is None:
             multimask_output = self.config.multimask_output
         if mine_points is None:
@@ -1103,6 +1171,7 @@ class PASamModel(SamModel):
             mine_points=mine_points,
             attention_similarity=attention_similarity,
             target_embedding=target_embedding,
+            adapter_embeddings=adapter_embeddings,
         )
         adapter_output = decoder_output.adapter_output
 

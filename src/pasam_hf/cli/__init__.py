@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "pasam_hf.cli.evaluate",
     "pasam_hf.cli.benchmark",
     "pasam_hf.cli.export",
+    "pasam_hf.cli.app",
 )
 
 
