@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import synthetic_image
 from PIL import Image
 from torch import nn
+from test_modeling_pasam import _reference_gumbel_top_k as _gumbel_top_k  # reference 4.6, training
 from transformers import SamConfig, SamModel
 
 from pasam_hf import PASamConfig, PASamModel, PASamProcessor
@@ -92,20 +93,6 @@ def _guiding_branch(decoder, adapter_pixels: torch.Tensor) -> torch.Tensor:
     x = _gelu(_layer_norm_2d(x, norm2, LAYER_NORM_2D_EPS))
     x = F.conv2d(x, conv3.weight, conv3.bias)
     return x[0].flatten(1).T
-
-
-def _gumbel_top_k(scores: torch.Tensor, gumbel: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference 4.6, training: one Gumbel sample, k softmax rounds each followed by adding log(max(1 - p, tiny)),
-    hard top-k of their sum g, straight-through weight hard - g.detach() + g at the chosen cells."""
-    logits = scores + gumbel
-    total = torch.zeros_like(scores)
-    for _ in range(k):
-        p = torch.softmax(logits, dim=-1)
-        total = total + p
-        logits = logits + torch.log(torch.clamp(1 - p, min=torch.finfo(scores.dtype).tiny))
-    cells = total.topk(k).indices
-    hard = torch.zeros_like(total).scatter(-1, cells, 1.0)
-    return cells, (hard - total.detach() + total)[cells]
 
 
 def _adapter(adapter, queries, keys, query_pe, key_pe, g0, cell_pe, point_embed, heads, k, gumbel):
