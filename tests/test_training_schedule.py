@@ -136,6 +136,7 @@ def test_wrong_flags_stop_before_training(cli_workspace: Path, capsys, flags: li
         (["--no-augment"], "--no-augment has no effect with --embedding-cache"),
         (["--instance-mode", "split"], "--instance-mode split has no effect with --embedding-cache"),
         (["--streaming"], "--streaming has no effect with --embedding-cache"),
+        (["--resize-masks"], "--resize-masks has no effect with --embedding-cache"),
     ],
 )
 def test_flags_the_cache_would_ignore_are_refused(cli_workspace: Path, capsys, flags: list[str], message) -> None:

@@ -117,6 +117,11 @@ class TrainingArguments:
                 )
             if self.streaming:
                 problems.append("--streaming has no effect with --embedding-cache (a cache is read from disk): drop it")
+            if self.resize_masks:
+                problems.append(
+                    "--resize-masks has no effect with --embedding-cache (the masks were read when it was built): "
+                    "build the cache with `pasam cache --resize-masks`, and drop it here"
+                )
         if self.streaming and self.steps_per_epoch is None and self.max_steps is None:
             problems.append(
                 "a streamed dataset has no length: pass --steps-per-epoch (for the learning-rate schedule and "
