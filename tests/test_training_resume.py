@@ -153,8 +153,9 @@ class InterruptingRecords(RecordSequence):
     """Training records (random access, as a folder's) that press Ctrl-C (SIGINT to this process) while the `at`-th
     record is being loaded, as a user would at any moment; loading goes on (the signal only asks the loop to stop)."""
 
-    def __init__(self, records, at: int, times: int = 1):
+    def __init__(self, records, at: int, times: int = 1, signum: int = signal.SIGINT):
         self.records, self.at, self.times, self.loads = list(records), at, times, 0
+        self.signum = signum
 
     def __len__(self) -> int:
         return len(self.records)
@@ -166,18 +167,21 @@ class InterruptingRecords(RecordSequence):
         self.loads += 1
         if self.loads == self.at:
             for _ in range(self.times):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), self.signum)
         return self.records[index]
 
 
 @pytest.mark.parametrize(
-    "at, times", [(3, 1), (6, 1), (3, 2)], ids=["inside-an-accumulated-step", "between-steps", "delivered-twice"]
+    "at, times, signum",
+    [(3, 1, signal.SIGINT), (6, 1, signal.SIGINT), (3, 2, signal.SIGINT), (3, 1, signal.SIGTERM)],
+    ids=["inside-an-accumulated-step", "between-steps", "delivered-twice", "sigterm"],
 )
-def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at: int, times: int) -> None:
+def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at: int, times: int, signum) -> None:
     """With 2 batches per optimizer step, Ctrl-C inside a step: the step's second batch is still trained, then the
     run stops; Ctrl-C between steps: the next step does not start. Either way the resumed run gives the weights of
     the uninterrupted one. The same Ctrl-C delivered twice at once (`accelerate launch` forwards the terminal's
-    SIGINT to its processes, which got it already) is one Ctrl-C, not a "stop at once"."""
+    SIGINT to its processes, which got it already) is one Ctrl-C, not a "stop at once". SIGTERM (`kill`, a
+    scheduler pre-empting the job) is handled as Ctrl-C: without it the process would die mid-step, unsaved."""
     from test_training import run_args, tiny_model, trained_state
 
     from pasam_hf.training import train
@@ -187,7 +191,8 @@ def test_ctrl_c_with_gradient_accumulation_finishes_the_step(tmp_path: Path, at:
     straight = tiny_model()
     train(run_args(tmp_path / "straight", **settings), model=straight, train_records=records)
     with pytest.raises(KeyboardInterrupt):
-        train(run_args(tmp_path / "stopped", **settings), model=tiny_model(), train_records=InterruptingRecords(records, at, times))
+        stopping = InterruptingRecords(records, at, times, signum)
+        train(run_args(tmp_path / "stopped", **settings), model=tiny_model(), train_records=stopping)
     [checkpoint] = (tmp_path / "stopped" / "run" / "checkpoints").glob("step_*")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     # Batch size 1, and Accelerate reads one batch ahead: record `at` loads while batch `at - 1` is handed over. At 3

@@ -203,13 +203,16 @@ def _keep_items(items: list) -> list:
 
 
 def _ignore_interrupts(worker_id: int) -> None:
-    # Ctrl-C reaches DataLoader workers too (same process group); the main process decides when to stop, so a
-    # worker must not die of it before the step in progress has finished (see _StopRequest).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C (and a scheduler's SIGTERM to the job) reaches DataLoader workers too (same process group); the main
+    # process decides when to stop, so a worker must not die of it before the step in progress has finished (see
+    # _StopRequest). The DataLoader still shuts its workers down when the main process ends.
+    for signum in _StopRequest.signals:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class _StopRequest:
-    """Ctrl-C (SIGINT) during training: finish the optimizer step in progress, save a checkpoint, then stop.
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, a scheduler pre-empting the job, `docker stop`) during training: finish
+    the optimizer step in progress, save a checkpoint, then stop.
 
     A `KeyboardInterrupt` raised wherever the main thread happens to be (inside the forward, between the optimizer's
     updates of two tensors, after a batch was counted but before its step) would leave no consistent state to save.
@@ -221,23 +224,24 @@ class _StopRequest:
     """
 
     duplicate_seconds = 2.0
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.requested = False
         self._requested_at = 0.0
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _StopRequest:
         # Python delivers signals to the main thread only; train() in another thread keeps the default.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
@@ -247,8 +251,9 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self._requested_at = time.monotonic()
-        os.write(2, b"\nstopping after the current step and saving a checkpoint (Ctrl-C again to stop at once, "
-                    b"without saving)\n")
+        name = signal.Signals(signum).name.encode()
+        os.write(2, b"\n" + name + b": stopping after the current step and saving a checkpoint (Ctrl-C again to "
+                    b"stop at once, without saving)\n")
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop; call on every process at the same point."""
