@@ -19,6 +19,7 @@ from .dataset import (
     bad_sample,
     input_size,
     is_bad_sample,
+    sample_report,
 )
 from .masks import (
     MaskDecodeError,
@@ -79,4 +80,5 @@ __all__ = [
     "resize_labels_bilinear",
     "resize_longest_and_pad",
     "resize_mask_nearest",
+    "sample_report",
 ]

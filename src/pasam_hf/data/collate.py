@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from .dataset import BAD_SAMPLE_KEY, is_bad_sample
+from .dataset import is_bad_sample, sample_report
 from .prompts import PromptSimulator
 from .records import IGNORE
 
@@ -65,17 +65,10 @@ class PASamDataCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         self._reseed_in_worker()
-        bad = [item for item in features if is_bad_sample(item)]
-        skipped = {
-            "skipped": [item["name"] for item in bad],
-            "skipped_details": [
-                {"name": item["name"], "kind": item.get("bad_kind", "unreadable"), "reason": item[BAD_SAMPLE_KEY]}
-                for item in bad
-            ],
-        }
+        report = sample_report(features)
         good = [item for item in features if not is_bad_sample(item)]
         if not good:
-            return skipped
+            return {key: report[key] for key in ("skipped", "skipped_details")}
 
         image_key = self._image_key(good)
         labels = [self._select(item["labels"]) for item in good]
@@ -99,8 +92,7 @@ class PASamDataCollator:
                 batch[key] = torch.stack([item[key] for item in good])
         batch.update(self.prompt_simulator(padded, valid))
         batch["labels"] = padded
-        batch["names"] = [item["name"] for item in good]
-        batch.update(skipped)
+        batch.update(report)
         return batch
 
     @staticmethod

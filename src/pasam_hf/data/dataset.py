@@ -46,6 +46,20 @@ def is_bad_sample(item: dict[str, Any]) -> bool:
     return BAD_SAMPLE_KEY in item
 
 
+def sample_report(items: list[dict[str, Any]]) -> dict[str, list]:
+    """What `items` count for the bad-sample report ([`BadSampleTracker.add`]): `names` of the usable ones,
+    `skipped` names and `skipped_details` (`name`, `kind`, `reason`) of the bad-sample markers."""
+    bad = [item for item in items if is_bad_sample(item)]
+    return {
+        "names": [item["name"] for item in items if not is_bad_sample(item)],
+        "skipped": [item["name"] for item in bad],
+        "skipped_details": [
+            {"name": item["name"], "kind": item.get("bad_kind", "unreadable"), "reason": item[BAD_SAMPLE_KEY]}
+            for item in bad
+        ],
+    }
+
+
 def input_size(image_processor: Any) -> int:
     """The model's square input side `S`, from the image processor's `size["longest_edge"]`."""
     size = image_processor.size
@@ -242,4 +256,5 @@ __all__ = [
     "bad_sample",
     "input_size",
     "is_bad_sample",
+    "sample_report",
 ]

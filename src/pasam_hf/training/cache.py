@@ -84,7 +84,7 @@ def build_embedding_cache(
     Returns:
         `Path` of the cache directory.
     """
-    from ..data import BadSampleTracker, DataQualityError, PASamTrainingDataset, is_bad_sample
+    from ..data import BadSampleTracker, DataQualityError, PASamTrainingDataset, is_bad_sample, sample_report
 
     if views_per_image < 1:
         raise ValueError(f"views_per_image must be >= 1, got {views_per_image}.")
@@ -118,14 +118,7 @@ def build_embedding_cache(
             items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
             good = [item for item in items if not is_bad_sample(item)]
             if view == 0:
-                bad = [item for item in items if is_bad_sample(item)]
-                bad_samples.add({
-                    "names": [item["name"] for item in good],
-                    "skipped": [item["name"] for item in bad],
-                    "skipped_details": [
-                        {"name": item["name"], "kind": item["bad_kind"], "reason": item["bad_sample"]} for item in bad
-                    ],
-                })
+                bad_samples.add(sample_report(items))
                 # As in training: checked once enough samples were seen, exactly at the end of the pass.
                 if bad_samples.exceeds(complete=start + batch_size >= len(dataset)):
                     bar.close()

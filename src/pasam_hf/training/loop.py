@@ -43,8 +43,8 @@ from ..data import (
     PASamIterableTrainingDataset,
     PASamTrainingDataset,
     PromptSimulator,
-    is_bad_sample,
     load_records_from_flags,
+    sample_report,
 )
 from ..loading import load_model_and_processor
 from ..modeling_pasam import PASamModel
@@ -722,15 +722,7 @@ def _counted_samples(accelerator: Accelerator, items: list[dict[str, Any]], batc
     state = accelerator.gradient_state
     if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
         items = items[: max(0, min(len(items), state.remainder - accelerator.process_index * batch_size))]
-    bad = [item for item in items if is_bad_sample(item)]
-    return {
-        "names": [item["name"] for item in items if not is_bad_sample(item)],
-        "skipped": [item["name"] for item in bad],
-        "skipped_details": [
-            {"name": item["name"], "kind": item.get("bad_kind", "unreadable"), "reason": item["bad_sample"]}
-            for item in bad
-        ],
-    }
+    return sample_report(items)
 
 
 def _report_cached_bad_samples(
