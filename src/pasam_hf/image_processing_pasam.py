@@ -219,31 +219,6 @@ _AUTO_MAP_BACKENDS = {
 }
 
 
-def _check_rgb_without_conversion(images, data_format) -> None:
-    """With `do_convert_rgb=False` every image must already be RGB: PA-SAM cannot use other channel counts."""
-    import PIL.Image
-
-    from .validation import _as_image_list, _as_numpy, _channels_last, _resolve_data_format
-
-    for index, image in enumerate(_as_image_list(images)):
-        name = f"images[{index}]"
-        if isinstance(image, PIL.Image.Image):
-            channels = len(image.getbands())
-        elif isinstance(image, (np.ndarray, torch.Tensor)):
-            array = _channels_last(
-                _as_numpy(image, name), name, _resolve_data_format(data_format), isinstance(image, torch.Tensor)
-            )
-            channels = array.shape[2] if array.ndim == 3 else 1
-        else:
-            continue  # paths and other kinds: prepare_images names the problem
-        if channels != 3:
-            raise ValueError(
-                f"{name} has {channels} channels and do_convert_rgb=False keeps them, but PA-SAM takes RGB images "
-                "(3 channels): its image encoder has 3 input channels and the adapter's edge map is computed from "
-                "RGB. Leave do_convert_rgb at its default True (grayscale is repeated to RGB, alpha is composited "
-                "onto white), or convert the image to RGB first."
-            )
-
 
 class _AdapterInputMixin:
     """Adds `adapter_pixel_values` to the outputs of a SAM image processor backend."""
@@ -293,11 +268,14 @@ class _AdapterInputMixin:
         # Every image becomes upright RGB uint8 (H, W, 3) first, whatever its kind, dtype and layout (or a ValueError
         # naming it): SAM's own preprocessing would rescale floats in [0, 1] and uint16 by 1/255 and guess the
         # channel axis of small arrays. See pasam_hf.validation.
-        if kwargs.get("do_convert_rgb") is False:
-            _check_rgb_without_conversion(images, kwargs.get("input_data_format"))
         size = kwargs.get("size")
         longest_edge = size.longest_edge if kwargs.get("do_resize") and size is not None else None
-        images = prepare_images(images, data_format=kwargs.get("input_data_format"), longest_edge=longest_edge)
+        images = prepare_images(
+            images,
+            data_format=kwargs.get("input_data_format"),
+            longest_edge=longest_edge,
+            convert_rgb=kwargs.get("do_convert_rgb") is not False,
+        )
         # The value range was resolved above: uint8 pixels need exactly the 1/255 rescale.
         kwargs.update(input_data_format=ChannelDimension.LAST, do_rescale=True, rescale_factor=1 / 255)
         adapter_kwargs = {key: kwargs.pop(key, None) for key in _ADAPTER_KWARGS}

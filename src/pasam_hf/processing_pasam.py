@@ -56,12 +56,12 @@ class PASamProcessor(SamProcessor):
         `point_pad_value` (-10), which the model ignores. Calling it without prompts only prepares the images.
         """
         # `text` is accepted and unused, as by SamProcessor (prompts are input_points, input_labels, input_boxes).
-        if kwargs.get("do_convert_rgb") is False:
-            from .image_processing_pasam import _check_rgb_without_conversion
-
-            _check_rgb_without_conversion(images, kwargs.get("input_data_format"))
         # The layout applies to the caller's arrays; after prepare_images every image is (H, W, 3).
-        images = prepare_images(images, data_format=kwargs.pop("input_data_format", None))
+        images = prepare_images(
+            images,
+            data_format=kwargs.pop("input_data_format", None),
+            convert_rgb=kwargs.get("do_convert_rgb") is not False,
+        )
         pad_value = kwargs.get("point_pad_value")
         pad_value = self.point_pad_value if pad_value is None else pad_value
         prompts = validate_prompts(

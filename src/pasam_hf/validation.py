@@ -299,10 +299,29 @@ def _as_image_list(images: Any) -> list:
     return [images]
 
 
+def _check_rgb(image: Any, name: str, data_format: ChannelDimension | None) -> None:
+    """With `do_convert_rgb=False` every image must already be RGB: PA-SAM cannot use other channel counts."""
+    if isinstance(image, PIL.Image.Image):
+        channels = len(image.getbands())
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        array = _channels_last(_as_numpy(image, name), name, data_format, isinstance(image, torch.Tensor))
+        channels = array.shape[2] if array.ndim == 3 else 1
+    else:
+        return  # paths and other kinds: to_rgb_uint8 names the problem
+    if channels != 3:
+        raise ValueError(
+            f"{name} has {channels} channels and do_convert_rgb=False keeps them, but PA-SAM takes RGB images "
+            "(3 channels): its image encoder has 3 input channels and the adapter's edge map is computed from "
+            "RGB. Leave do_convert_rgb at its default True (grayscale is repeated to RGB, alpha is composited "
+            "onto white), or convert the image to RGB first."
+        )
+
+
 def prepare_images(
     images: Any,
     data_format: str | ChannelDimension | None = None,
     longest_edge: int | None = None,
+    convert_rgb: bool = True,
 ) -> list[np.ndarray]:
     """Every image of a batch through [`to_rgb_uint8`], named `images[i]` in errors.
 
@@ -310,6 +329,8 @@ def prepare_images(
         images: One image, a list of images, or a 4-D array/tensor holding a batch.
         data_format: Channel layout of array inputs, see [`to_rgb_uint8`].
         longest_edge: When given, also reject images too elongated to resize to it ([`check_resizable`]).
+        convert_rgb: `False` (`do_convert_rgb=False`) refuses images that are not RGB already, naming the channel
+            count, instead of converting them.
 
     Returns:
         `list[np.ndarray]`, each of shape `(height_i, width_i, 3)`, uint8.
@@ -323,6 +344,8 @@ def prepare_images(
                 f"{name} is a {type(image).__name__}; pass {IMAGE_KINDS} per image (nested lists of images or of "
                 "pixel values are not accepted: convert them with np.asarray)."
             )
+        if not convert_rgb:
+            _check_rgb(image, name, _resolve_data_format(data_format))
         array = to_rgb_uint8(image, name, data_format)
         if longest_edge:
             check_resizable(array.shape[0], array.shape[1], longest_edge, name)
